@@ -1,0 +1,174 @@
+// rfsr::flash_rfbias: the op schema (defined once, here), the composite entry point and the CPU kernels.
+//
+// The CPU kernels work with ATen ops over chunks of query rows, so memory stays O(rows_per_chunk * N) rather than
+// O(N^2) per window, and recompute the probabilities from the saved log-sum-exp in the backward as the GPU
+// kernels do. They are the portable implementation; the pure-PyTorch oracle for tests lives in rfsr_cuda.ops.reference.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "rfbias_checks.h"
+
+namespace rfsr {
+namespace {
+
+// Logits per step are at most this many elements (16 MiB in float32).
+constexpr int64_t kChunkElems = int64_t(1) << 22;
+
+struct Plan {
+  int64_t batch_block;  // windows per step
+  int64_t rows;         // query rows per step
+};
+
+Plan plan_chunks(const RfbiasShape& s) {
+  const int64_t per_row = std::max<int64_t>(1, s.H * s.N);
+  const int64_t rows = std::clamp<int64_t>(kChunkElems / per_row, 1, std::max<int64_t>(1, s.N));
+  const int64_t batch_block = rows < s.N ? 1 : std::max<int64_t>(1, kChunkElems / (per_row * std::max<int64_t>(1, s.N)));
+  return {batch_block, rows};
+}
+
+at::ScalarType compute_dtype_for(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// (B, N, H, X) -> (B, H, N, X) view in the compute dtype (a copy only when the dtype changes).
+at::Tensor heads_first(const at::Tensor& t, at::ScalarType cd) { return t.to(cd).permute({0, 2, 1, 3}); }
+
+// Logits scale * q k^T + bq bk^T for windows [b0, b1) and query rows [n0, n1): (bb, H, rows, N).
+at::Tensor logits_chunk(const at::Tensor& qh, const at::Tensor& kh, const at::Tensor& bq, const at::Tensor& bk,
+                        const RfbiasShape& s, double scale, int64_t b0, int64_t b1, int64_t n0, int64_t n1) {
+  auto qc = qh.slice(0, b0, b1).slice(2, n0, n1);
+  auto logits = at::matmul(qc, kh.slice(0, b0, b1).transpose(-1, -2)).mul_(scale);
+  if (s.R > 0) {
+    auto bqc = s.bias_batched ? bq.slice(0, b0, b1).slice(2, n0, n1) : bq.slice(1, n0, n1);
+    auto bkc = s.bias_batched ? bk.slice(0, b0, b1) : bk;
+    logits.add_(at::matmul(bqc, bkc.transpose(-1, -2)));  // shared factors broadcast over windows
+  }
+  return logits;
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, const at::Tensor& bias_q,
+                                                        const at::Tensor& bias_k, double scale) {
+  const RfbiasShape s = check_fwd_inputs(q, k, v, bias_q, bias_k);
+  check_scale(scale);
+  const auto cd = compute_dtype_for(q.scalar_type());
+  auto out = at::empty({s.B, s.N, s.H, s.D}, q.options());
+  auto lse = at::empty({s.B, s.H, s.N}, q.options().dtype(lse_dtype_for(q.scalar_type())));
+  if (s.B == 0 || s.N == 0 || s.H == 0) return {out, lse};
+
+  const auto qh = heads_first(q, cd), kh = heads_first(k, cd), vh = heads_first(v, cd);
+  const auto bq = bias_q.to(cd), bk = bias_k.to(cd);
+  auto out_h = out.permute({0, 2, 1, 3});  // write through a view into the (B, N, H, D) result
+  const Plan p = plan_chunks(s);
+  for (int64_t b0 = 0; b0 < s.B; b0 += p.batch_block) {
+    const int64_t b1 = std::min(s.B, b0 + p.batch_block);
+    for (int64_t n0 = 0; n0 < s.N; n0 += p.rows) {
+      const int64_t n1 = std::min(s.N, n0 + p.rows);
+      auto logits = logits_chunk(qh, kh, bq, bk, s, scale, b0, b1, n0, n1);
+      auto row_max = std::get<0>(logits.max(-1, /*keepdim=*/true));
+      auto probs = logits.sub_(row_max).exp_();
+      auto row_sum = probs.sum(-1, /*keepdim=*/true);
+      auto o = at::matmul(probs, vh.slice(0, b0, b1)).div_(row_sum);
+      out_h.slice(0, b0, b1).slice(2, n0, n1).copy_(o);
+      lse.slice(0, b0, b1).slice(2, n0, n1).copy_((row_max + row_sum.log()).squeeze(-1));
+    }
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfbias_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& bias_q, const at::Tensor& bias_k, const at::Tensor& out, const at::Tensor& lse,
+    double scale) {
+  const RfbiasShape s = check_fwd_inputs(q, k, v, bias_q, bias_k);
+  check_bwd_inputs(s, q, grad_out, out, lse);
+  check_scale(scale);
+  const auto cd = compute_dtype_for(q.scalar_type());
+  const auto opts = q.options().dtype(cd);
+  auto dq = at::zeros({s.B, s.H, s.N, s.D}, opts);
+  auto dk = at::zeros({s.B, s.H, s.N, s.D}, opts);
+  auto dv = at::zeros({s.B, s.H, s.N, s.D}, opts);
+  auto dbq = at::zeros(bias_q.sizes(), opts);
+  auto dbk = at::zeros(bias_k.sizes(), opts);
+  auto to_bnhd = [&](const at::Tensor& t) { return t.permute({0, 2, 1, 3}).to(q.scalar_type()).contiguous(); };
+  if (s.B == 0 || s.N == 0 || s.H == 0) {
+    return {to_bnhd(dq), to_bnhd(dk), to_bnhd(dv), dbq.to(bias_q.scalar_type()), dbk.to(bias_k.scalar_type())};
+  }
+
+  const auto qh = heads_first(q, cd), kh = heads_first(k, cd), vh = heads_first(v, cd);
+  const auto doh = heads_first(grad_out, cd);
+  const auto bq = bias_q.to(cd), bk = bias_k.to(cd);
+  const auto lse_c = lse.to(cd);
+  // delta = rowsum(dO * O): the softmax-Jacobian term shared by every key.
+  const auto delta = (doh * heads_first(out, cd)).sum(-1);  // (B, H, N)
+  const Plan p = plan_chunks(s);
+  for (int64_t b0 = 0; b0 < s.B; b0 += p.batch_block) {
+    const int64_t b1 = std::min(s.B, b0 + p.batch_block);
+    for (int64_t n0 = 0; n0 < s.N; n0 += p.rows) {
+      const int64_t n1 = std::min(s.N, n0 + p.rows);
+      auto probs = logits_chunk(qh, kh, bq, bk, s, scale, b0, b1, n0, n1)
+                       .sub_(lse_c.slice(0, b0, b1).slice(2, n0, n1).unsqueeze(-1))
+                       .exp_();
+      auto do_c = doh.slice(0, b0, b1).slice(2, n0, n1);
+      dv.slice(0, b0, b1).add_(at::matmul(probs.transpose(-1, -2), do_c));
+      auto dp = at::matmul(do_c, vh.slice(0, b0, b1).transpose(-1, -2));
+      auto ds = probs.mul_(dp.sub_(delta.slice(0, b0, b1).slice(2, n0, n1).unsqueeze(-1)));  // dLogits
+      dq.slice(0, b0, b1).slice(2, n0, n1).copy_(at::matmul(ds, kh.slice(0, b0, b1)).mul_(scale));
+      dk.slice(0, b0, b1).add_(at::matmul(ds.transpose(-1, -2), qh.slice(0, b0, b1).slice(2, n0, n1)).mul_(scale));
+      if (s.R > 0) {
+        if (s.bias_batched) {
+          dbq.slice(0, b0, b1).slice(2, n0, n1).copy_(at::matmul(ds, bk.slice(0, b0, b1)));
+          dbk.slice(0, b0, b1).add_(at::matmul(ds.transpose(-1, -2), bq.slice(0, b0, b1).slice(2, n0, n1)));
+        } else {
+          // shared factors: the gradient is the sum over windows, reduced in a fixed order
+          dbq.slice(1, n0, n1).add_(at::matmul(ds, bk).sum(0));
+          dbk.add_(at::matmul(ds.transpose(-1, -2), bq.slice(1, n0, n1)).sum(0));
+        }
+      }
+    }
+  }
+  return {to_bnhd(dq), to_bnhd(dk), to_bnhd(dv), dbq.to(bias_q.scalar_type()), dbk.to(bias_k.scalar_type())};
+}
+
+// The public entry point: resolves the default scale and calls the forward op, whose autograd formula is
+// registered from Python (rfsr_cuda.ops), so torch.compile sees flash_rfbias_fwd.
+at::Tensor flash_rfbias_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& bias_q, const at::Tensor& bias_k, std::optional<double> scale) {
+  TORCH_CHECK_VALUE(q.dim() == 4, "q must be 4-D (B, N, H, D), got shape ", shape_str(q));
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rfsr::flash_rfbias_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, double)>();
+  return std::get<0>(op.call(q, k, v, bias_q, bias_k, s));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rfsr, m) {
+  m.def("flash_rfbias_fwd(Tensor q, Tensor k, Tensor v, Tensor bias_q, Tensor bias_k, float scale) "
+        "-> (Tensor out, Tensor lse)");
+  m.def("flash_rfbias_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor bias_q, Tensor bias_k, "
+        "Tensor out, Tensor lse, float scale) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias_q, Tensor grad_bias_k)");
+  m.def("flash_rfbias(Tensor q, Tensor k, Tensor v, Tensor bias_q, Tensor bias_k, float? scale=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rfsr, CompositeImplicitAutograd, m) { m.impl("flash_rfbias", &flash_rfbias_composite); }
+
+TORCH_LIBRARY_IMPL(rfsr, CPU, m) {
+  m.impl("flash_rfbias_fwd", &flash_rfbias_fwd_cpu);
+  m.impl("flash_rfbias_bwd", &flash_rfbias_bwd_cpu);
+}
+
+}  // namespace rfsr
+
+// Importing rfsr_cuda._C loads this library, which runs the registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

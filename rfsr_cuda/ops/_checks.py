@@ -1,0 +1,78 @@
+"""Input checks of ``flash_rfbias`` for the fake (meta) kernels; they mirror csrc/rfbias_checks.h, which the CPU and
+CUDA kernels run, and the tests hold both to the same error types and messages."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _last_dim_unit_stride(t: torch.Tensor, name: str) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dimension (got strides {list(t.stride())}); "
+                         "other dimensions may be strided")
+
+
+def _same_device_dtype(q: torch.Tensor, t: torch.Tensor, name: str) -> None:
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; all inputs must share one dtype "
+                        "(cast the factors to q's dtype)")
+
+
+def check_fwd_inputs(q, k, v, bias_q, bias_k):
+    """Returns (B, N, H, D, R, bias_batched) or raises ValueError/TypeError naming the argument."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias_q", bias_q), ("bias_k", bias_k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D (B, N, H, D), got shape {list(q.shape)}")
+    B, N, H, D = q.shape
+    if D <= 0:
+        raise ValueError(f"q must have a head dim D > 0, got shape {list(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q (B, N, H, D) = {list(q.shape)}, got {list(t.shape)}")
+    expect = f"(H, N, R) = ({H}, {N}, R) or (B, H, N, R) = ({B}, {H}, {N}, R)"
+    if bias_q.dim() not in (3, 4):
+        raise ValueError(f"bias_q must be {expect}, got shape {list(bias_q.shape)}")
+    batched = bias_q.dim() == 4
+    ok = tuple(bias_q.shape[:3]) == (B, H, N) if batched else tuple(bias_q.shape[:2]) == (H, N)
+    if not ok:
+        raise ValueError(f"bias_q must be {expect} for q of shape {list(q.shape)}, got {list(bias_q.shape)}")
+    if bias_k.shape != bias_q.shape:
+        raise ValueError(f"bias_k must have the shape of bias_q {list(bias_q.shape)}, got {list(bias_k.shape)}")
+    for name, t in (("k", k), ("v", v), ("bias_q", bias_q), ("bias_k", bias_k)):
+        _same_device_dtype(q, t, name)
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias_q", bias_q), ("bias_k", bias_k)):
+        _last_dim_unit_stride(t, name)
+    return B, N, H, D, bias_q.shape[-1], batched
+
+
+def check_scale(scale) -> None:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+
+
+def lse_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_bwd_inputs(grad_out, q, out, lse) -> None:
+    B, N, H, _ = q.shape
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {list(q.shape)}, got {list(t.shape)}")
+        _same_device_dtype(q, t, name)
+        _last_dim_unit_stride(t, name)
+    if lse.dim() != 3 or tuple(lse.shape) != (B, H, N):
+        raise ValueError(f"lse must be (B, H, N) = ({B}, {H}, {N}), got shape {list(lse.shape)}")
+    if lse.device != q.device:
+        raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+    if lse.dtype != lse_dtype_for(q.dtype):
+        raise TypeError(f"lse must have dtype {lse_dtype_for(q.dtype)} for {q.dtype} inputs, got {lse.dtype}")

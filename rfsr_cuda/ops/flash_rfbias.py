@@ -1,0 +1,81 @@
+"""The Python face of ``torch.ops.rfsr.flash_rfbias``: fake (meta) kernels and the autograd formula.
+
+The schema lives in csrc/rfbias_op.cpp; CPU and CUDA kernels are registered from C++. ``flash_rfbias`` is a
+composite over ``flash_rfbias_fwd`` (returns out and the log-sum-exp), whose backward is ``flash_rfbias_bwd``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+
+def _load_library() -> None:
+    try:
+        from rfsr_cuda import _C  # noqa: F401  (loading the library runs the op registrations)
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "rfsr_cuda._C is not built. Install the package with `pip install --no-build-isolation .` "
+            "from the source tree (it compiles against the torch in this environment)."
+        ) from e
+
+
+_load_library()
+
+
+@torch.library.register_fake("rfsr::flash_rfbias_fwd")
+def _fwd_fake(q, k, v, bias_q, bias_k, scale):
+    B, N, H, D, _, _ = _checks.check_fwd_inputs(q, k, v, bias_q, bias_k)
+    _checks.check_scale(scale)
+    out = q.new_empty((B, N, H, D))
+    lse = q.new_empty((B, H, N), dtype=_checks.lse_dtype_for(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("rfsr::flash_rfbias_bwd")
+def _bwd_fake(grad_out, q, k, v, bias_q, bias_k, out, lse, scale):
+    _checks.check_fwd_inputs(q, k, v, bias_q, bias_k)
+    _checks.check_bwd_inputs(grad_out, q, out, lse)
+    _checks.check_scale(scale)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            torch.empty_like(bias_q, memory_format=torch.contiguous_format),
+            torch.empty_like(bias_k, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias_q, bias_k, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias_q, bias_k, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, bias_q, bias_k, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    elif grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()  # the kernels take any strides but a unit last-dim stride
+    grads = torch.ops.rfsr.flash_rfbias_bwd(grad_out, q, k, v, bias_q, bias_k, out, lse, ctx.scale)
+    return (*grads, None)
+
+
+torch.library.register_autograd("rfsr::flash_rfbias_fwd", _backward, setup_context=_setup_context)
+
+
+def flash_rfbias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_q: torch.Tensor, bias_k: torch.Tensor,
+                 scale: float | None = None) -> torch.Tensor:
+    """Attention with a rank-factorised bias, fused: ``softmax(scale·q·kᵀ + bias_q·bias_kᵀ)·v`` per (batch, head).
+
+    Args:
+        q, k, v: ``(B, N, H, D)`` (batch·windows, tokens, heads, head dim); any strides with unit last-dim stride.
+        bias_q, bias_k: ``(H, N, R)`` shared by every batch element, or ``(B, H, N, R)``; ``R`` may be 0.
+            Fold any bias scale (RIB's ``R**-0.5``) into ``bias_q`` before the call.
+        scale: logit scale of ``q·kᵀ``; ``D**-0.5`` when None.
+
+    Returns ``(B, N, H, D)`` in q's dtype. Differentiable in all five tensors; gradients of shared factors are
+    summed over the batch.
+    """
+    return torch.ops.rfsr.flash_rfbias(q, k, v, bias_q, bias_k, scale)

@@ -1,0 +1,100 @@
+"""Builds rfsr_cuda._C against the torch that is installed (use `pip install --no-build-isolation .`).
+
+CUDA kernels are compiled when this torch is a CUDA build and nvcc is found; otherwise the extension holds the CPU
+kernels only, and the op still registers. Environment knobs:
+  RFSR_SKIP_CUDA_BUILD=1     CPU-only build even where CUDA is available
+  RFSR_CUDA_ARCHS="80;90"    compute capabilities to build for (the sm80 path runs on both)
+  RFSR_KERNELS=a,b           compile only the kernel instantiations whose file names contain one of these strings
+  RFSR_CUTLASS_INCLUDE=DIR   CUTLASS/CuTe headers (default: the `nvidia-cutlass` package, installed with --no-deps)
+"""
+import glob
+import importlib.util
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - only hit when the install command is wrong
+    sys.exit(
+        "rfsr builds against the torch installed in this environment: install torch first, then run\n"
+        "    pip install --no-build-isolation .\n"
+        "(build isolation would compile against a different torch than the one you run)."
+    )
+
+CSRC = "csrc"  # setuptools wants source paths relative to this file
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cutlass_include() -> str:
+    path = os.environ.get("RFSR_CUTLASS_INCLUDE")
+    if not path:
+        spec = importlib.util.find_spec("cutlass_library")  # located without importing its heavy dependencies
+        if spec and spec.submodule_search_locations:
+            path = os.path.join(list(spec.submodule_search_locations)[0], "source", "include")
+    if not path or not os.path.isfile(os.path.join(path, "cute", "tensor.hpp")):
+        sys.exit(
+            "CUDA build: CUTLASS/CuTe headers not found. Install them with `pip install --no-deps nvidia-cutlass`, "
+            "or set RFSR_CUTLASS_INCLUDE to a folder holding cute/ and cutlass/, "
+            "or set RFSR_SKIP_CUDA_BUILD=1 for a CPU-only build."
+        )
+    return path
+
+
+def cuda_build_wanted() -> bool:
+    if _env_flag("RFSR_SKIP_CUDA_BUILD"):
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def kernel_sources() -> list:
+    files = sorted(glob.glob(os.path.join(CSRC, "rfbias", "instantiations", "*.cu")))
+    wanted = [w for w in os.environ.get("RFSR_KERNELS", "").split(",") if w.strip()]
+    if wanted:
+        files = [f for f in files if any(w.strip() in os.path.basename(f) for w in wanted)]
+    return files
+
+
+def cuda_arch_flags() -> list:
+    flags = []
+    for arch in os.environ.get("RFSR_CUDA_ARCHS", "80;90").replace(",", ";").split(";"):
+        arch = arch.strip().replace(".", "")
+        if arch:
+            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+def extension():
+    cxx = ["-O3"]  # the C++ standard comes from torch's extension tools
+    sources = [os.path.join(CSRC, "rfbias_op.cpp")]
+    if not cuda_build_wanted():
+        return cpp_extension.CppExtension("rfsr_cuda._C", sources, extra_compile_args={"cxx": cxx},
+                                          include_dirs=[CSRC])
+    kernels = kernel_sources()
+    sources += sorted(glob.glob(os.path.join(CSRC, "*.cu"))) + sorted(glob.glob(os.path.join(CSRC, "rfbias_cuda*.cpp")))
+    sources += kernels
+    nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-DNDEBUG",
+            "-Xfatbin", "-compress-all"] + cuda_arch_flags()
+    nvcc_threads = os.environ.get("NVCC_THREADS")
+    if nvcc_threads:
+        nvcc.append(f"--threads={nvcc_threads}")
+    defines = [("RFSR_WITH_CUDA", None)]
+    return cpp_extension.CUDAExtension(
+        "rfsr_cuda._C",
+        sources,
+        include_dirs=[CSRC, cutlass_include()],
+        define_macros=defines,
+        extra_compile_args={"cxx": cxx + ["-DRFSR_WITH_CUDA"], "nvcc": nvcc},
+    )
+
+
+setup(
+    packages=find_packages(include=["rfsr_cuda", "rfsr_cuda.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
