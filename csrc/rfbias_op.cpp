@@ -1,8 +1,9 @@
-// rfsr::flash_rfbias: the op schema (defined once, here), the composite entry point and the CPU kernels.
+// rfsr::flash_rfbias: the op schema (defined once, here), the composite entry point and the ATen kernels.
 //
-// The CPU kernels work with ATen ops over chunks of query rows, so memory stays O(rows_per_chunk * N) rather than
-// O(N^2) per window, and recompute the probabilities from the saved log-sum-exp in the backward as the GPU
-// kernels do. They are the portable implementation; the pure-PyTorch oracle for tests lives in rfsr_cuda.ops.reference.
+// The ATen kernels (the CPU implementation, also the CUDA path for float32/float64 inputs and for the backward
+// until a fused one is registered) work over chunks of query rows, so memory stays O(rows_per_chunk * N) rather than
+// O(N^2) per window, and recompute the probabilities from the saved log-sum-exp in the backward as the fused
+// kernels do. The pure-PyTorch oracle for tests lives in rfsr_cuda.ops.reference.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "rfbias_aten.h"
 #include "rfbias_checks.h"
 
 namespace rfsr {
@@ -49,7 +51,9 @@ at::Tensor logits_chunk(const at::Tensor& qh, const at::Tensor& kh, const at::Te
   return logits;
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_aten(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, const at::Tensor& bias_q,
                                                         const at::Tensor& bias_k, double scale) {
   const RfbiasShape s = check_fwd_inputs(q, k, v, bias_q, bias_k);
@@ -79,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cpu(const at::Tensor& q, con
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfbias_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfbias_bwd_aten(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& bias_q, const at::Tensor& bias_k, const at::Tensor& out, const at::Tensor& lse,
     double scale) {
@@ -133,6 +137,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
   return {to_bnhd(dq), to_bnhd(dk), to_bnhd(dv), dbq.to(bias_q.scalar_type()), dbk.to(bias_k.scalar_type())};
 }
 
+namespace {
+
 // The public entry point: resolves the default scale and calls the forward op, whose autograd formula is
 // registered from Python (rfsr_cuda.ops), so torch.compile sees flash_rfbias_fwd.
 at::Tensor flash_rfbias_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -161,9 +167,14 @@ TORCH_LIBRARY(rfsr, m) {
 TORCH_LIBRARY_IMPL(rfsr, CompositeImplicitAutograd, m) { m.impl("flash_rfbias", &flash_rfbias_composite); }
 
 TORCH_LIBRARY_IMPL(rfsr, CPU, m) {
-  m.impl("flash_rfbias_fwd", &flash_rfbias_fwd_cpu);
-  m.impl("flash_rfbias_bwd", &flash_rfbias_bwd_cpu);
+  m.impl("flash_rfbias_fwd", &flash_rfbias_fwd_aten);
+  m.impl("flash_rfbias_bwd", &flash_rfbias_bwd_aten);
 }
+
+#if defined(RFSR_WITH_CUDA) && !defined(RFSR_WITH_CUDA_BWD)
+// Until the fused backward kernel is built, CUDA gradients come from the same chunked ATen code.
+TORCH_LIBRARY_IMPL(rfsr, CUDA, m) { m.impl("flash_rfbias_bwd", &flash_rfbias_bwd_aten); }
+#endif
 
 }  // namespace rfsr
 
