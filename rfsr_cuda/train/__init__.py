@@ -1,0 +1,18 @@
+"""Training: HR-folder data with on-the-fly MATLAB-bicubic LR, and the L1/AdamW/EMA loop with exact resume."""
+from .data import HRFolderDataset, list_images, load_validation_set
+from .loop import (ModelEMA, TrainConfig, WarmupSchedule, find_latest_checkpoint, load_training_state,
+                   save_training_state, train, validate)
+
+__all__ = [
+    "HRFolderDataset",
+    "list_images",
+    "load_validation_set",
+    "ModelEMA",
+    "TrainConfig",
+    "WarmupSchedule",
+    "find_latest_checkpoint",
+    "load_training_state",
+    "save_training_state",
+    "train",
+    "validate",
+]
