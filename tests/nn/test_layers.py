@@ -1,0 +1,91 @@
+"""SST blocks: LayerNorm2d, ConvFFN, shift rule, upsamplers and the up_conv resize between scales."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rfsr_cuda.nn import ConvFFN, LayerNorm2d, SSTBlock, Upsampler, resize_up_conv, up_conv_scale
+
+
+def test_layernorm2d_normalises_channels():
+    ln = LayerNorm2d(5)
+    with torch.no_grad():
+        ln.weight.copy_(torch.arange(1.0, 6.0))
+        ln.bias.fill_(0.5)
+    x = torch.randn(2, 5, 3, 4)
+    mean = x.mean(1, keepdim=True)
+    var = x.var(1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-6) * ln.weight.view(1, 5, 1, 1) + 0.5
+    torch.testing.assert_close(ln(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_convffn():
+    ffn = ConvFFN(8, 1.25)
+    assert ffn.proj.out_channels == 10 and ffn.dwc.groups == 10 and ffn.agg.out_channels == 8
+    x = torch.randn(1, 8, 5, 6)
+    h = F.gelu(ffn.proj(x))
+    torch.testing.assert_close(ffn(x), ffn.agg(h + F.gelu(ffn.dwc(h))))
+
+
+@pytest.mark.parametrize("windows, shifts", [((8, 8, 8, 8), [False, True, False, True]),
+                                             ((8, 16, 8, 16), [False] * 4)])
+def test_block_shifts_only_with_uniform_windows(windows, shifts):
+    block = SSTBlock(12, windows, [3] * 4, [4] * 4, rib_hidden_dim=8, rib_n_freqs=2)
+    assert [layer.attn.shift for layer in list(block)[:4]] == shifts
+    assert isinstance(block[4], torch.nn.Conv2d) and len(block) == 5
+    with pytest.raises(ValueError, match="one entry per layer"):
+        SSTBlock(12, (8, 16), [3], [4, 4])
+
+
+@pytest.mark.parametrize("kind", ["pixelshuffle_direct", "pixelshuffle"])
+@pytest.mark.parametrize("r", [2, 3, 4])
+def test_upsampler_skip_is_nearest_neighbour(kind, r):
+    up = Upsampler(16, r, kind, intermediate_dim=8)
+    last = up.up_conv if kind == "pixelshuffle_direct" else up.final_conv
+    with torch.no_grad():  # silence the learned branch: the output is the skip alone
+        last.weight.zero_()
+        last.bias.zero_()
+    lr = torch.rand(2, 3, 5, 7)
+    out = up(torch.randn(2, 16, 5, 7), lr)
+    assert out.shape == (2, 3, 5 * r, 7 * r)
+    torch.testing.assert_close(out, lr.repeat_interleave(r, 2).repeat_interleave(r, 3))
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4])
+def test_nn_conv_upsampler(r):
+    up = Upsampler(16, r, "nn+conv", intermediate_dim=8)
+    assert up(torch.randn(1, 16, 4, 5), torch.rand(1, 3, 4, 5)).shape == (1, 3, 4 * r, 5 * r)
+
+
+def test_upsampler_bad_arguments():
+    with pytest.raises(ValueError, match="upsampler_type"):
+        Upsampler(16, 2, "deconv")
+    with pytest.raises(ValueError, match="power of 2 or 3"):
+        Upsampler(16, 5, "nn+conv")
+    with pytest.raises(ValueError, match="upscaling_factor"):
+        Upsampler(16, 0)
+
+
+def test_up_conv_scale():
+    assert up_conv_scale("pixelshuffle_direct", torch.empty(48, 24, 3, 3)) == 4
+    assert up_conv_scale("pixelshuffle", torch.empty(64 * 9, 64, 3, 3)) == 3
+
+
+def test_resize_up_conv_layout_and_bilinear_weights():
+    # channel c·r² + i·r + j holds sub-pixel (i, j) of output channel c; tag each with 100c + 10i + j
+    c, r_in, r_out = 2, 2, 4
+    tags = torch.tensor([100 * ch + 10 * i + j for ch in range(c) for i in range(r_in) for j in range(r_in)],
+                        dtype=torch.float32)
+    weight = tags.view(-1, 1, 1, 1).repeat(1, 3, 3, 3)
+    weight[:, 1] *= -1  # each input channel / tap keeps its own grid
+    w, b = resize_up_conv(weight, tags.clone(), r_in, r_out)
+    assert w.shape == (c * r_out ** 2, 3, 3, 3) and b.shape == (c * r_out ** 2,)
+    # bilinear, align_corners=False, 2 -> 4 along one axis: rows [v0, .75 v0 + .25 v1, .25 v0 + .75 v1, v1]
+    mix = torch.tensor([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+    grid = tags.view(c, r_in, r_in)
+    expected = torch.einsum("ia,cab,jb->cij", mix, grid, mix).reshape(-1)
+    torch.testing.assert_close(b, expected)
+    torch.testing.assert_close(w[:, 0, 2, 1], expected)
+    torch.testing.assert_close(w[:, 1, 0, 0], -expected)
+    same_w, same_b = resize_up_conv(weight, tags, 2, 2)
+    torch.testing.assert_close(same_w, weight)
+    torch.testing.assert_close(same_b, tags)

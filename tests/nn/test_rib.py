@@ -1,0 +1,225 @@
+"""RIB factors against the formula written out by hand, and the inference cache: reuse and invalidation."""
+import math
+from unittest import mock
+
+import pytest
+import torch
+
+from rfsr_cuda.nn import RIB, rib_cache_verified, rib_features
+
+
+def hand_features(wh, ww, n_freqs):
+    """Float64, token by token: [x, y] then (sin x, sin y, cos x, cos y) at 2^i, i = 0..F-1; row-major tokens."""
+    rows = []
+    for r in range(wh):
+        for c in range(ww):
+            x, y = 2 * (c + 0.5) / ww - 1, 2 * (r + 0.5) / wh - 1
+            feats = [x, y]
+            for i in range(n_freqs):
+                feats += [math.sin(2 ** i * x), math.sin(2 ** i * y), math.cos(2 ** i * x), math.cos(2 ** i * y)]
+            rows.append(feats)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def hand_factors(rib, window=None):
+    wh, ww = window or rib.window_size
+    feats = hand_features(wh, ww, rib.rib_n_freqs)
+    hidden = torch.relu(feats @ rib.to_hidden.detach().double() + rib.hidden_b.detach().double())
+    q_p = torch.einsum("nd,hdr->hnr", hidden, rib.to_q.detach().double())
+    k_p = torch.einsum("nd,hdr->hnr", hidden, rib.to_k.detach().double())
+    return q_p / math.sqrt(rib.rank), k_p
+
+
+def make_rib(**kw):
+    torch.manual_seed(0)
+    args = dict(num_heads=3, rank=5, window_size=4, hidden_dim=8, n_freqs=3)
+    args.update(kw)
+    rib = RIB(**args)
+    with torch.no_grad():
+        rib.hidden_b.normal_(std=0.1)  # non-zero so its gradient and edits matter
+    return rib
+
+
+@pytest.fixture
+def count_mlp():
+    with mock.patch.object(RIB, "_compute_factors", autospec=True, side_effect=RIB._compute_factors) as spy:
+        yield spy
+
+
+def test_features_layout():
+    f = rib_features((2, 3), n_freqs=1)
+    assert f.shape == (6, 6) and f.dtype == torch.float32
+    # token 1 = row 0, col 1: x = 2·1.5/3 − 1 = 0, y = 2·0.5/2 − 1 = −0.5
+    expected = [0.0, -0.5, 0.0, math.sin(-0.5), 1.0, math.cos(-0.5)]
+    torch.testing.assert_close(f[1], torch.tensor(expected), rtol=0, atol=1e-7)
+    torch.testing.assert_close(f.double(), hand_features(2, 3, 1), rtol=0, atol=1e-6)
+    assert rib_features(4, n_freqs=10).shape == (16, 42)
+
+
+@pytest.mark.parametrize("window", [4, (3, 5)])
+def test_factors_match_hand_formula(window):
+    rib = make_rib(window_size=window)
+    bias_q, bias_k = rib.factors()
+    ref_q, ref_k = hand_factors(rib)
+    assert bias_q.shape == (3, ref_q.shape[1], 5) and bias_q.dtype == torch.float32 and bias_q.is_contiguous()
+    torch.testing.assert_close(bias_q.double(), ref_q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bias_k.double(), ref_k, rtol=1e-5, atol=1e-6)
+    # the bias the attention adds is Q_p K_pᵀ / √R
+    torch.testing.assert_close((bias_q @ bias_k.transpose(1, 2)).double(), ref_q @ ref_k.transpose(1, 2),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_float64_module_computes_in_float64():
+    rib = make_rib().double()
+    bias_q, _ = rib.factors()
+    assert bias_q.dtype == torch.float64
+    # the features stay float32 (the values the official weights were trained on); the MLP runs in float64
+    torch.testing.assert_close(bias_q, hand_factors(rib)[0], rtol=0, atol=1e-8)
+
+
+def test_official_init():
+    torch.manual_seed(0)
+    rib = RIB(num_heads=6, rank=32, window_size=8, hidden_dim=32, n_freqs=10)
+    assert rib.to_hidden.shape == (42, 32) and rib.hidden_b.shape == (1, 32)
+    assert rib.to_q.shape == rib.to_k.shape == (6, 32, 32)
+    assert torch.count_nonzero(rib.hidden_b) == 0
+    for p in (rib.to_hidden, rib.to_q, rib.to_k):
+        assert abs(p.std().item() - 0.05) < 0.005 and abs(p.mean().item()) < 0.005
+
+
+def test_cache_reused_in_eval(count_mlp):
+    rib = make_rib().eval()
+    with torch.no_grad():
+        first = rib.factors()
+        second = rib.factors()
+    assert count_mlp.call_count == 1
+    assert second[0] is first[0] and second[1] is first[1]
+    with torch.inference_mode():
+        third = rib.factors()
+    assert third[0] is first[0] and count_mlp.call_count == 1
+
+
+def test_cache_keyed_by_window_and_dtype(count_mlp):
+    rib = make_rib().eval()
+    with torch.no_grad():
+        f32 = rib.factors()
+        bf16 = rib.factors(dtype=torch.bfloat16)
+        other = rib.factors(window_size=(2, 6))
+        assert count_mlp.call_count == 3
+        assert rib.factors(dtype=torch.bfloat16)[0] is bf16[0] and rib.factors()[0] is f32[0]
+        assert rib.factors(window_size=(2, 6))[1] is other[1]
+    assert count_mlp.call_count == 3
+    assert bf16[0].dtype == torch.bfloat16 and other[0].shape == (3, 12, 5)
+    torch.testing.assert_close(bf16[0].float(), f32[0], rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(other[0].double(), hand_factors(rib, (2, 6))[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["to_hidden", "hidden_b", "to_q", "to_k"])
+def test_cache_invalidated_by_data_edit(name, count_mlp):
+    # edits through .data bypass autograd's version counters (EMA updates are written this way)
+    rib = make_rib().eval()
+    with torch.no_grad():
+        old_q, old_k = rib.factors()
+        getattr(rib, name).data.add_(0.05)
+        new_q, new_k = rib.factors()
+    assert count_mlp.call_count == 2
+    assert not (torch.equal(new_q, old_q) and torch.equal(new_k, old_k))
+    ref_q, ref_k = hand_factors(rib)
+    torch.testing.assert_close(new_q.double(), ref_q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new_k.double(), ref_k, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_invalidated_by_optimizer_step(count_mlp):
+    rib = make_rib().eval()
+    with torch.no_grad():
+        old_q, _ = rib.factors()
+    opt = torch.optim.AdamW(rib.parameters(), lr=0.01)
+    for p in rib.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    with torch.no_grad():
+        new_q, _ = rib.factors()
+    assert count_mlp.call_count == 2 and not torch.equal(new_q, old_q)
+    torch.testing.assert_close(new_q.double(), hand_factors(rib)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_cache_invalidated_by_load_state_dict(count_mlp):
+    rib = make_rib().eval()
+    other = make_rib()
+    with torch.no_grad():
+        other.to_q.mul_(2.0)
+        rib.factors()
+        rib.load_state_dict(other.state_dict())
+        new_q, new_k = rib.factors()
+    assert count_mlp.call_count == 2
+    torch.testing.assert_close(new_q.double(), hand_factors(other)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_training_recomputes_and_gradients_flow(count_mlp):
+    rib = make_rib().train()
+    a = rib.factors()
+    b = rib.factors()
+    assert count_mlp.call_count == 2 and a[0] is not b[0]
+    (a[0].square().sum() + a[1].sum()).backward()
+    for name, p in rib.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_eval_with_grad_recomputes_so_gradients_flow(count_mlp):
+    rib = make_rib().eval()
+    with torch.no_grad():
+        rib.factors()
+    bias_q, _ = rib.factors()  # grad mode on, parameters require grad: the cache must not cut the graph
+    assert count_mlp.call_count == 2 and bias_q.requires_grad
+    bias_q.sum().backward()
+    assert rib.to_q.grad.abs().sum() > 0 and rib.to_hidden.grad.abs().sum() > 0
+
+
+def test_train_mode_drops_cache():
+    rib = make_rib().eval()
+    with torch.no_grad():
+        rib.factors()
+    assert rib._factors
+    rib.train()
+    assert not rib._factors and rib._snapshot is None
+
+
+def test_verified_block_checks_all_ribs_once(count_mlp):
+    ribs = torch.nn.ModuleList([make_rib(), make_rib(rank=3, window_size=(2, 5))]).eval()
+    with torch.no_grad():
+        for r in ribs:
+            r.factors()
+        with mock.patch("torch.equal", wraps=torch.equal) as equal:
+            with rib_cache_verified(ribs):
+                for r in ribs:
+                    r.factors()
+            assert equal.call_count == 1  # one comparison for the whole model instead of one per layer
+            assert count_mlp.call_count == 2
+            ribs[1].to_k.data.mul_(-1.0)
+            with rib_cache_verified(ribs):
+                got = [r.factors() for r in ribs]
+    assert count_mlp.call_count == 3  # only the edited layer recomputes
+    for r, (bq, bk) in zip(ribs, got):
+        ref_q, ref_k = hand_factors(r)
+        torch.testing.assert_close(bk.double(), ref_k, rtol=1e-5, atol=1e-6)
+    assert not any(r._values_verified for r in ribs)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_heads=0), "num_heads"), (dict(rank=0), "rank"), (dict(window_size=(0, 4)), "window_size"),
+    (dict(window_size="8"), "window_size"), (dict(hidden_dim=0), "rib_hidden_dim"),
+    (dict(n_freqs=-1), "rib_n_freqs"), (dict(rank=2.0), "rank"),
+])
+def test_bad_arguments(kw, match):
+    args = dict(num_heads=2, rank=4, window_size=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        RIB(**args)
+
+
+def test_factors_stay_float32_under_autocast():
+    rib = make_rib()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bias_q, bias_k = rib.factors()
+    assert bias_q.dtype == torch.float32
+    torch.testing.assert_close(bias_q.double(), hand_factors(rib)[0], rtol=1e-5, atol=1e-6)
