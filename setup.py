@@ -4,7 +4,7 @@ CUDA kernels are compiled when this torch is a CUDA build and nvcc is found; oth
 kernels only, and the op still registers. Environment knobs:
   RFSR_SKIP_CUDA_BUILD=1     CPU-only build even where CUDA is available
   RFSR_CUDA_ARCHS="80;90"    compute capabilities to build for (the sm80 path runs on both)
-  RFSR_KERNELS=a,b           compile only the kernel instantiations whose file names contain one of these strings
+  RFSR_KERNELS=all|reduced|a,b   compile all kernel instantiations, the CI set, or those whose names contain a or b
   RFSR_CUTLASS_INCLUDE=DIR   CUTLASS/CuTe headers (default: the `nvidia-cutlass` package, installed with --no-deps)
 """
 import glob
@@ -53,11 +53,13 @@ def cuda_build_wanted() -> bool:
 
 
 def kernel_sources() -> list:
-    files = sorted(glob.glob(os.path.join(CSRC, "rfbias", "instantiations", "*.cu")))
-    wanted = [w for w in os.environ.get("RFSR_KERNELS", "").split(",") if w.strip()]
-    if wanted:
-        files = [f for f in files if any(w.strip() in os.path.basename(f) for w in wanted)]
-    return files
+    """The instantiation files selected by RFSR_KERNELS ("all", "reduced" or name substrings); the list itself
+    lives only in the generator."""
+    spec = importlib.util.spec_from_file_location("rfsr_generate_instantiations",
+                                                  os.path.join(CSRC, "rfbias", "generate_instantiations.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    return [os.path.relpath(f) for f in gen.kernel_sources(os.environ.get("RFSR_KERNELS", "all"))]
 
 
 def cuda_arch_flags() -> list:
@@ -83,13 +85,15 @@ def extension():
     nvcc_threads = os.environ.get("NVCC_THREADS")
     if nvcc_threads:
         nvcc.append(f"--threads={nvcc_threads}")
-    defines = [("RFSR_WITH_CUDA", None)]
+    # RFSR_WITH_CUDA_BWD: the fused backward binding registers for CUDA (it falls back to the ATen backward for
+    # cases no compiled kernel takes), so rfbias_op.cpp leaves its CUDA backward registration out.
+    defines = ["RFSR_WITH_CUDA", "RFSR_WITH_CUDA_BWD"]
     return cpp_extension.CUDAExtension(
         "rfsr_cuda._C",
         sources,
         include_dirs=[CSRC, cutlass_include()],
-        define_macros=defines,
-        extra_compile_args={"cxx": cxx + ["-DRFSR_WITH_CUDA"], "nvcc": nvcc},
+        define_macros=[(d, None) for d in defines],
+        extra_compile_args={"cxx": cxx + [f"-D{d}" for d in defines], "nvcc": nvcc},
     )
 
 

@@ -1,0 +1,72 @@
+"""Times the fused CUDA backward of rfsr::flash_rfbias against the backward of the concat route
+(``[q*s | bq]``, ``[k | bk]``, ``[v | 0]`` + scaled_dot_product_attention), on SST-like shapes, one GPU.
+
+    python benchmarks/bench_flash_rfbias_bwd.py [--shapes ws16,ws32,ws96] [--dtype bf16]
+
+Only timing: out/lse fed to the backward are placeholders of the right shapes (values do not change the work).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import rfsr_cuda  # noqa: F401
+from rfsr_cuda.ops.reference import flash_rfbias_concat
+
+SHAPES = {  # name: (B windows, H, N, D, R)
+    "ws16": (288, 6, 256, 30, 18),
+    "ws32": (72, 6, 1024, 30, 18),
+    "ws48": (32, 6, 2304, 30, 34),
+    "ws96": (8, 6, 9216, 30, 34),
+}
+
+
+def cuda_time(fn, iters=10, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="ws16,ws32,ws96")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
+    rows = []
+    for name in a.shapes.split(","):
+        B, H, N, D, R = SHAPES[name]
+        q, k, v, do = (torch.randn(B, N, H, D, device="cuda", dtype=dtype) for _ in range(4))
+        bq, bk = (torch.randn(H, N, R, device="cuda", dtype=dtype) * R ** -0.25 for _ in range(2))
+        out = torch.randn_like(q)
+        lse = torch.full((B, H, N), float(torch.tensor(N).log()) + 1.0, device="cuda")
+        scale = D ** -0.5
+        fused = cuda_time(lambda: torch.ops.rfsr.flash_rfbias_bwd(do, q, k, v, bq, bk, out, lse, scale))
+        xs = [t.detach().requires_grad_() for t in (q, k, v, bq, bk)]
+        o = flash_rfbias_concat(*xs, scale)
+        concat = cuda_time(lambda: torch.autograd.grad(o, xs, do, retain_graph=True))
+        row = dict(shape=name, B=B, H=H, N=N, D=D, R=R, dtype=a.dtype, fused_bwd_ms=round(fused, 4),
+                   concat_sdpa_bwd_ms=round(concat, 4), speedup=round(concat / fused, 3))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del q, k, v, do, out, xs, o
+        torch.cuda.empty_cache()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

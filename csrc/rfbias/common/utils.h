@@ -1,0 +1,160 @@
+// Small device helpers shared by the rfbias kernels: asynchronous copies, register-layout views and the
+// two GEMM shapes of the forward pass. CuTe/CUTLASS only, no torch.
+#pragma once
+
+#include <cstdint>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+#include <cutlass/numeric_conversion.h>
+
+namespace rfsr {
+namespace dev {
+
+// ---------------------------------------------------------------------------------------------------------------
+// cp.async with a source size: bytes past src_bytes are written as zero (src_bytes == 0 zero-fills the slot).
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(n));
+}
+
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+  int n = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(n));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Register-layout views of an MMA accumulator (SM80 m16n8 atoms, value mode (2, 2) = (column pair, row half)).
+
+// ((2, 2), MMA_M, MMA_N) -> ((2, MMA_M), (2, MMA_N)): rows first, columns second.
+template <class L>
+__device__ __forceinline__ auto rowcol_layout(L const& l) {
+  using namespace cute;
+  static_assert(decltype(rank(l))::value == 3, "accumulator layout must be rank 3");
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// ((2, 2), MMA_M, MMA_N) -> ((4, 2), MMA_M, MMA_N / 2): two neighbouring n8 accumulator atoms form the
+// k16 A-operand fragment of the next m16n8k16 MMA (so P never leaves registers).
+template <class L>
+__device__ __forceinline__ auto acc_as_a_layout(L const& l) {
+  using namespace cute;
+  static_assert(decltype(size<0>(l))::value == 4, "expects m16n8 accumulator atoms");
+  static_assert(decltype(size<2>(l))::value % 2 == 0, "needs an even number of n8 atoms");
+  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});  // (4, MMA_M, (2, MMA_N/2))
+  return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+}
+
+// Register tensor of another element type with the same (compact) layout, converted in one array pass.
+template <typename To, class Engine, class Layout>
+__device__ __forceinline__ auto convert_fragment(cute::Tensor<Engine, Layout> const& in) {
+  using From = typename Engine::value_type;
+  constexpr int kN = decltype(cute::size(in))::value;
+  auto out = cute::make_tensor<To>(in.layout());
+  cutlass::NumericArrayConverter<To, From, kN> conv;
+  *reinterpret_cast<cutlass::Array<To, kN>*>(out.data()) =
+      conv(*reinterpret_cast<const cutlass::Array<From, kN>*>(in.data()));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GEMMs. Both operands from shared memory (S = Q K^T), or A from registers (O += P V).
+
+template <class TiledMma, class Acc, class RA, class RB, class SA, class SB, class CopyA, class CopyB>
+__device__ __forceinline__ void gemm_ss(TiledMma& mma, Acc& acc, RA& tCrA, RB& tCrB, SA const& tCsA,
+                                        SB const& tCsB, CopyA const& copy_a, CopyB const& copy_b, int tidx) {
+  using namespace cute;
+  auto thr_a = copy_a.get_thread_slice(tidx);
+  auto thr_b = copy_b.get_thread_slice(tidx);
+  auto tCrA_v = thr_a.retile_D(tCrA);
+  auto tCrB_v = thr_b.retile_D(tCrB);
+  cute::copy(copy_a, tCsA(_, _, _0{}), tCrA_v(_, _, _0{}));
+  cute::copy(copy_b, tCsB(_, _, _0{}), tCrB_v(_, _, _0{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size<2>(tCrA); ++i) {
+    if (i + 1 < size<2>(tCrA)) {
+      cute::copy(copy_a, tCsA(_, _, i + 1), tCrA_v(_, _, i + 1));
+      cute::copy(copy_b, tCsB(_, _, i + 1), tCrB_v(_, _, i + 1));
+    }
+    cute::gemm(mma, tCrA(_, _, i), tCrB(_, _, i), acc);
+  }
+}
+
+template <class TiledMma, class Acc, class RA, class RB, class SB, class CopyB>
+__device__ __forceinline__ void gemm_rs(TiledMma& mma, Acc& acc, RA const& tCrA, RB& tCrB, SB const& tCsB,
+                                        CopyB const& copy_b, int tidx) {
+  using namespace cute;
+  auto thr_b = copy_b.get_thread_slice(tidx);
+  auto tCrB_v = thr_b.retile_D(tCrB);
+  cute::copy(copy_b, tCsB(_, _, _0{}), tCrB_v(_, _, _0{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size<2>(tCrA); ++i) {
+    if (i + 1 < size<2>(tCrA)) {
+      cute::copy(copy_b, tCsB(_, _, i + 1), tCrB_v(_, _, i + 1));
+    }
+    cute::gemm(mma, tCrA(_, _, i), tCrB(_, _, i), acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Quad reductions: the four lanes of an m16n8 row group hold one row between them.
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 16-bit element <-> float helpers for the register-staged (scaled) loads.
+
+template <typename T> struct Pack2;
+template <> struct Pack2<cutlass::half_t> {
+  static __device__ __forceinline__ uint32_t scale(uint32_t w, float s) {
+    __half2 h = *reinterpret_cast<__half2*>(&w);
+    float2 f = __half22float2(h);
+    __half2 r = __floats2half2_rn(f.x * s, f.y * s);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ uint16_t scale1(uint16_t w, float s) {
+    __half h = *reinterpret_cast<__half*>(&w);
+    __half r = __float2half_rn(__half2float(h) * s);
+    return *reinterpret_cast<uint16_t*>(&r);
+  }
+};
+template <> struct Pack2<cutlass::bfloat16_t> {
+  static __device__ __forceinline__ uint32_t scale(uint32_t w, float s) {
+    __nv_bfloat162 h = *reinterpret_cast<__nv_bfloat162*>(&w);
+    float2 f = __bfloat1622float2(h);
+    __nv_bfloat162 r = __floats2bfloat162_rn(f.x * s, f.y * s);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ uint16_t scale1(uint16_t w, float s) {
+    __nv_bfloat16 h = *reinterpret_cast<__nv_bfloat16*>(&w);
+    __nv_bfloat16 r = __float2bfloat16_rn(__bfloat162float(h) * s);
+    return *reinterpret_cast<uint16_t*>(&r);
+  }
+};
+
+}  // namespace dev
+}  // namespace rfsr

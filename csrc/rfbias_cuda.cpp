@@ -1,0 +1,129 @@
+// CUDA implementation of rfsr::flash_rfbias_fwd: argument checks, output allocation, and dispatch to the
+// compiled (dtype, Dqk, Dv) kernel. The only CUDA-side file that sees ATen; kernels get a POD params struct.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+#include "rfbias_checks.h"
+#include "rfbias/params.h"
+#include "rfbias/instantiations/dispatch.h"
+
+namespace rfsr {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 128;
+constexpr int64_t kMaxRank = 128;
+
+// Every stride of a dimension that is actually walked (size > 1), in bytes, is a multiple of `bytes`,
+// and so is the data pointer.
+bool is_aligned(const at::Tensor& t, int64_t bytes) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes != 0) return false;
+  const int64_t es = t.element_size();
+  for (int64_t d = 0; d < t.dim() - 1; ++d) {
+    if (t.size(d) > 1 && (t.stride(d) * es) % bytes != 0) return false;
+  }
+  return true;
+}
+
+const RfbiasFwdKernel* pick_kernel(RfbiasDtype dtype, int64_t D, int64_t R, int arch) {
+  int count = 0;
+  const RfbiasFwdKernel* table = rfbias_fwd_kernels(&count);
+  const RfbiasFwdKernel* best = nullptr;
+  for (int i = 0; i < count; ++i) {
+    const RfbiasFwdKernel& k = table[i];
+    if (k.run == nullptr || k.dtype != dtype || k.dqk < D + R || k.dv < D || k.min_arch > arch) continue;
+    if (best == nullptr || k.dqk + k.dv < best->dqk + best->dv ||
+        (k.dqk + k.dv == best->dqk + best->dv && k.dqk < best->dqk)) {
+      best = &k;
+    }
+  }
+  return best;
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                         const at::Tensor& v_in, const at::Tensor& bias_q,
+                                                         const at::Tensor& bias_k, double scale) {
+  const RfbiasShape s = check_fwd_inputs(q_in, k_in, v_in, bias_q, bias_k);
+  check_scale(scale);
+  TORCH_CHECK_VALUE(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", dev_str(q_in));
+  const auto st = q_in.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16,
+                   "flash_rfbias on CUDA supports float16 and bfloat16 inputs; q, k, v, bias_q and bias_k have dtype ",
+                   dtype_str(q_in), ". Cast them first, e.g. q.to(torch.bfloat16) (the CPU op accepts float32/float64)");
+  TORCH_CHECK_VALUE(s.D % 2 == 0, "q: the CUDA kernel needs an even head dim D (rows of whole 4-byte words), got D=",
+                    num(s.D));
+  TORCH_CHECK_VALUE(s.D <= kMaxHeadDim, "q: the CUDA kernel supports head dims D <= ", num(kMaxHeadDim), ", got D=",
+                    num(s.D));
+  TORCH_CHECK_VALUE(s.R <= kMaxRank, "bias_q: the CUDA kernel supports ranks R <= ", num(kMaxRank), ", got R=",
+                    num(s.R));
+  TORCH_CHECK_VALUE(s.N <= INT_MAX / 2 && s.B <= INT_MAX && s.H <= INT_MAX,
+                    "q: sizes too large for the CUDA kernel, got shape ", shape_str(q_in));
+
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int arch = prop->major * 10 + prop->minor;
+  TORCH_CHECK_VALUE(arch >= 80, "flash_rfbias on CUDA needs compute capability 8.0 or newer; device ",
+                    dev_str(q_in), " (", prop->name, ") is ", num(prop->major), ".", num(prop->minor));
+
+  const RfbiasDtype dtype = st == at::kHalf ? RfbiasDtype::kFloat16 : RfbiasDtype::kBFloat16;
+  const RfbiasFwdKernel* kernel = pick_kernel(dtype, s.D, s.R, arch);
+  TORCH_CHECK_VALUE(kernel != nullptr, "flash_rfbias: no CUDA kernel compiled for dtype ", dtype_str(q_in), ", D=", num(s.D), ", R=",
+                    num(s.R), " (this build selected a subset with RFSR_KERNELS; rebuild with RFSR_KERNELS unset)");
+
+  at::Tensor out = at::empty({s.B, s.N, s.H, s.D}, q_in.options());
+  at::Tensor lse = at::empty({s.B, s.H, s.N}, q_in.options().dtype(at::kFloat));
+  if (s.B == 0 || s.N == 0 || s.H == 0) return {out, lse};
+
+  // Rows must be 4-byte addressable; anything coarser picks the 16-byte path, anything finer (an odd element
+  // offset or stride, which a rearranged view of a 4-byte-aligned buffer never has) is copied once.
+  auto rows4 = [](const at::Tensor& t) { return is_aligned(t, 4) ? t : t.contiguous(); };
+  const at::Tensor q = rows4(q_in), k = rows4(k_in), v = rows4(v_in);
+
+  RfbiasFwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.bias_q = s.R > 0 ? bias_q.data_ptr() : q.data_ptr();
+  p.bias_k = s.R > 0 ? bias_k.data_ptr() : q.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_batch_stride = q.stride(0); p.q_row_stride = q.stride(1); p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0); p.k_row_stride = k.stride(1); p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0); p.v_row_stride = v.stride(1); p.v_head_stride = v.stride(2);
+  if (s.R > 0) {
+    const int o = s.bias_batched ? 1 : 0;
+    p.bq_batch_stride = s.bias_batched ? bias_q.stride(0) : 0;
+    p.bq_head_stride = bias_q.stride(o);
+    p.bq_row_stride = bias_q.stride(o + 1);
+    p.bk_batch_stride = s.bias_batched ? bias_k.stride(0) : 0;
+    p.bk_head_stride = bias_k.stride(o);
+    p.bk_row_stride = bias_k.stride(o + 1);
+  }
+  p.out_batch_stride = out.stride(0); p.out_row_stride = out.stride(1); p.out_head_stride = out.stride(2);
+  p.B = static_cast<int>(s.B);
+  p.N = static_cast<int>(s.N);
+  p.H = static_cast<int>(s.H);
+  p.D = static_cast<int>(s.D);
+  p.R = static_cast<int>(s.R);
+  rfbias_fold_scale(scale, p.q_mult, p.bq_mult, p.scale_log2);
+  p.qkv_vec16 = s.D % 8 == 0 && is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16);
+  p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_q, 4) && is_aligned(bias_k, 4);
+
+  const cudaError_t err = kernel->run(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "flash_rfbias: launching ", kernel->name, " failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rfsr, CUDA, m) { m.impl("flash_rfbias_fwd", &flash_rfbias_fwd_cuda); }
+
+}  // namespace rfsr

@@ -1,0 +1,156 @@
+// CUDA implementation of rfsr::flash_rfbias_bwd: argument checks, output/workspace allocation, and dispatch to the
+// compiled (dtype, Dqk, Dv) backward kernels (csrc/rfbias/sm80/launch_bwd.h). Inputs the fused kernels do not take
+// (float32/float64, odd or large head dims, ranks > 128, pre-sm80 devices, buckets left out of the build) go to
+// the chunked ATen implementation, so the op always returns a gradient.
+//
+// The CUDA registration is compiled only when RFSR_WITH_CUDA_BWD is defined (for this file and csrc/rfbias_op.cpp,
+// which then drops its ATen registration for the CUDA backward); otherwise the ATen fallback stays registered.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "rfbias_aten.h"
+#include "rfbias_checks.h"
+#include "rfbias/params_bwd.h"
+#include "rfbias/instantiations/dispatch_bwd.h"
+
+namespace rfsr {
+namespace {
+
+constexpr int64_t kBwdMaxHeadDim = 128;
+constexpr int64_t kBwdMaxRank = 128;
+
+// The data pointer and the byte stride of every walked dimension (size > 1) but the last are multiples of `bytes`.
+bool bwd_aligned(const at::Tensor& t, int64_t bytes) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes != 0) return false;
+  const int64_t es = t.element_size();
+  for (int64_t d = 0; d < t.dim() - 1; ++d) {
+    if (t.size(d) > 1 && (t.stride(d) * es) % bytes != 0) return false;
+  }
+  return true;
+}
+
+// The forward's placement of the softmax scale (rfbias_fold_scale, params.h), so the recomputed scores match the
+// saved lse; the logits are c * X with c = scale_log2 / log2(e), which is the dK / dbias_k multiplier.
+void fold_scale_bwd(RfbiasBwdParams& p, double scale) {
+  constexpr double kLog2e = 1.4426950408889634;
+  rfbias_fold_scale(scale, p.q_mult, p.bq_mult, p.scale_log2);
+  p.c_mult = static_cast<float>(static_cast<double>(p.scale_log2) / kLog2e);
+  p.scale = static_cast<float>(scale);
+}
+
+const RfbiasBwdKernel* pick_bwd_kernel(RfbiasDtype dtype, int64_t D, int64_t R, int arch) {
+  int count = 0;
+  const RfbiasBwdKernel* table = rfbias_bwd_kernels(&count);
+  const RfbiasBwdKernel* best = nullptr;
+  for (int i = 0; i < count; ++i) {
+    const RfbiasBwdKernel& k = table[i];
+    if (k.run == nullptr || k.dtype != dtype || k.dqk < D + R || k.dv < D || k.min_arch > arch) continue;
+    if (best == nullptr || k.dqk + k.dv < best->dqk + best->dv ||
+        (k.dqk + k.dv == best->dqk + best->dv && k.dqk < best->dqk)) {
+      best = &k;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfbias_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& bias_q_in, const at::Tensor& bias_k_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    double scale) {
+  const RfbiasShape s = check_fwd_inputs(q_in, k_in, v_in, bias_q_in, bias_k_in);
+  check_bwd_inputs(s, q_in, grad_out_in, out_in, lse_in);
+  check_scale(scale);
+  TORCH_CHECK_VALUE(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", dev_str(q_in));
+
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const auto st = q_in.scalar_type();
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int arch = prop->major * 10 + prop->minor;
+  const RfbiasDtype dtype = st == at::kHalf ? RfbiasDtype::kFloat16 : RfbiasDtype::kBFloat16;
+  const bool fused_ok = (st == at::kHalf || st == at::kBFloat16) && s.D % 2 == 0 && s.D <= kBwdMaxHeadDim &&
+                        s.R <= kBwdMaxRank && s.N <= INT_MAX / 2 && s.B <= INT_MAX && s.H <= INT_MAX && arch >= 80;
+  const RfbiasBwdKernel* kernel = fused_ok ? pick_bwd_kernel(dtype, s.D, s.R, arch) : nullptr;
+  if (kernel == nullptr) {
+    return flash_rfbias_bwd_aten(grad_out_in, q_in, k_in, v_in, bias_q_in, bias_k_in, out_in, lse_in, scale);
+  }
+
+  at::Tensor dq = at::empty({s.B, s.N, s.H, s.D}, q_in.options());
+  at::Tensor dk = at::empty({s.B, s.N, s.H, s.D}, q_in.options());
+  at::Tensor dv = at::empty({s.B, s.N, s.H, s.D}, q_in.options());
+  at::Tensor dbq = at::zeros(bias_q_in.sizes(), bias_q_in.options());  // contiguous; zero when B == 0
+  at::Tensor dbk = at::zeros(bias_k_in.sizes(), bias_k_in.options());
+  if (s.B == 0 || s.N == 0 || s.H == 0) return {dq, dk, dv, dbq, dbk};
+
+  // Rows must be 4-byte addressable (an odd element offset or stride is copied once).
+  auto rows4 = [](const at::Tensor& t) { return bwd_aligned(t, 4) ? t : t.contiguous(); };
+  const at::Tensor q = rows4(q_in), k = rows4(k_in), v = rows4(v_in);
+  const at::Tensor dout = rows4(grad_out_in), out = rows4(out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor bias_q = s.R > 0 ? bias_q_in : q, bias_k = s.R > 0 ? bias_k_in : q;
+
+  const auto fopts = q.options().dtype(at::kFloat);
+  at::Tensor delta = at::empty({s.B, s.H, s.N}, fopts);
+  at::Tensor dbq_part = at::empty({s.R > 0 ? s.B : 0, s.H, s.N, s.R}, fopts);
+  at::Tensor dbk_part = at::empty({s.R > 0 ? s.B : 0, s.H, s.N, s.R}, fopts);
+
+  RfbiasBwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dout = dout.data_ptr();
+  p.out = out.data_ptr();
+  p.bias_q = bias_q.data_ptr();
+  p.bias_k = bias_k.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.delta = delta.data_ptr<float>();
+  p.dbq_part = dbq_part.data_ptr<float>();
+  p.dbk_part = dbk_part.data_ptr<float>();
+  p.dbq = dbq.data_ptr();
+  p.dbk = dbk.data_ptr();
+  p.q_batch_stride = q.stride(0); p.q_row_stride = q.stride(1); p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0); p.k_row_stride = k.stride(1); p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0); p.v_row_stride = v.stride(1); p.v_head_stride = v.stride(2);
+  p.do_batch_stride = dout.stride(0); p.do_row_stride = dout.stride(1); p.do_head_stride = dout.stride(2);
+  p.o_batch_stride = out.stride(0); p.o_row_stride = out.stride(1); p.o_head_stride = out.stride(2);
+  if (s.R > 0) {
+    const int o = s.bias_batched ? 1 : 0;
+    p.bq_batch_stride = s.bias_batched ? bias_q.stride(0) : 0;
+    p.bq_head_stride = bias_q.stride(o);
+    p.bq_row_stride = bias_q.stride(o + 1);
+    p.bk_batch_stride = s.bias_batched ? bias_k.stride(0) : 0;
+    p.bk_head_stride = bias_k.stride(o);
+    p.bk_row_stride = bias_k.stride(o + 1);
+  }
+  p.B = static_cast<int>(s.B);
+  p.N = static_cast<int>(s.N);
+  p.H = static_cast<int>(s.H);
+  p.D = static_cast<int>(s.D);
+  p.R = static_cast<int>(s.R);
+  p.bias_batched = s.bias_batched;
+  fold_scale_bwd(p, scale);
+  p.qkv_vec16 = s.D % 8 == 0 && bwd_aligned(q, 16) && bwd_aligned(k, 16) && bwd_aligned(v, 16) &&
+                bwd_aligned(dout, 16);
+  p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && bwd_aligned(bias_q, 4) && bwd_aligned(bias_k, 4);
+
+  const cudaError_t err = kernel->run(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "flash_rfbias_bwd: launching ", kernel->name, " failed: ", cudaGetErrorString(err));
+  return {dq, dk, dv, dbq, dbk};
+}
+
+#if defined(RFSR_WITH_CUDA_BWD)
+TORCH_LIBRARY_IMPL(rfsr, CUDA, m) { m.impl("flash_rfbias_bwd", &flash_rfbias_bwd_cuda); }
+#endif
+
+}  // namespace rfsr

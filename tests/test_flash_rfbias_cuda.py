@@ -1,0 +1,240 @@
+"""GPU tests of the fused CUDA forward of ``rfsr::flash_rfbias`` against the float64 reference.
+
+Skipped without a CUDA device (or without the CUDA build of the extension). Budget: well under two minutes.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+cuda_ok = torch.cuda.is_available()
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not cuda_ok, reason="needs a CUDA device")]
+
+if cuda_ok:
+    import rfsr_cuda  # noqa: F401  (registers the ops)
+    from rfsr_cuda.ops.reference import flash_rfbias_reference
+
+    def _has_cuda_kernel() -> bool:
+        try:
+            q = torch.zeros(1, 1, 1, 2, device="cuda", dtype=torch.bfloat16)
+            b = torch.zeros(1, 1, 0, device="cuda", dtype=torch.bfloat16)
+            torch.ops.rfsr.flash_rfbias_fwd(q, q, q, b, b, 1.0)
+            return True
+        except (NotImplementedError, RuntimeError):
+            return False
+
+    if not _has_cuda_kernel():
+        pytestmark.append(pytest.mark.skip(reason="extension built without CUDA kernels"))
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
+LSE_TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2}  # max abs error of the natural-log lse
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, N, H, D, R, dtype, batched, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+    fshape = (B, H, N, R) if batched else (H, N, R)
+    s = max(R, 1) ** -0.25  # bias term of order one
+    bq = (torch.randn(fshape, device="cuda", generator=g) * s).to(dtype)
+    bk = (torch.randn(fshape, device="cuda", generator=g) * s).to(dtype)
+    return q, k, v, bq, bk
+
+
+def reference(q, k, v, bq, bk, scale):
+    out, lse = flash_rfbias_reference(q.double(), k.double(), v.double(), bq.double(), bk.double(), scale,
+                                      compute_dtype=torch.float64, return_lse=True)
+    return out, lse
+
+
+def poison_allocator(nbytes: int) -> None:
+    """Leave a NaN-filled block in the caching allocator so that the op's fresh output reuses it."""
+    junk = torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda", dtype=torch.float32)
+    del junk
+
+
+def run_fwd(q, k, v, bq, bk, scale):
+    B, N, H, D = q.shape
+    poison_allocator(B * N * H * D * q.element_size() + B * H * N * 4)
+    return torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq, bk, scale)
+
+
+def check_against_reference(q, k, v, bq, bk, scale=None):
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    out, lse = run_fwd(q, k, v, bq, bk, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    assert not torch.isnan(out).any(), "output has NaN (unwritten or poisoned elements)"
+    assert not torch.isnan(lse).any(), "lse has NaN"
+    ref, ref_lse = reference(q, k, v, bq, bk, scale)
+    e = rel_err(out, ref)
+    assert e <= TOL[q.dtype], f"relative error {e:.3e}"
+    if lse.numel():
+        le = (lse.double() - ref_lse).abs().max().item()
+        assert le <= LSE_TOL[q.dtype], f"lse max abs error {le:.3e}"
+    return out, lse
+
+
+# --- accuracy grid ---------------------------------------------------------------------------------------------
+
+NS = [1, 63, 256, 257, 1000, 4096]
+DS = [16, 30, 32, 64, 128]
+RS = [0, 16, 18, 34, 64]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("R", RS)
+@pytest.mark.parametrize("D", DS)
+@pytest.mark.parametrize("N", NS)
+def test_grid(N, D, R, dtype):
+    batched = (N + D + R) % 2 == 1  # alternate shared and per-batch factors over the grid
+    B, H = (1, 1) if N >= 4096 else (2, 3) if N >= 1000 else (3, 2)
+    q, k, v, bq, bk = make_inputs(B, N, H, D, R, dtype, batched, seed=N * 1000 + D * 10 + R)
+    check_against_reference(q, k, v, bq, bk)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["shared", "per_batch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_factor_layouts(batched, dtype):
+    q, k, v, bq, bk = make_inputs(4, 200, 3, 30, 18, dtype, batched, seed=7)
+    check_against_reference(q, k, v, bq, bk)
+
+
+@pytest.mark.parametrize("R", [1, 17, 33])
+def test_odd_rank(R):
+    q, k, v, bq, bk = make_inputs(2, 130, 2, 32, R, torch.bfloat16, False, seed=R)
+    check_against_reference(q, k, v, bq, bk)
+
+
+@pytest.mark.parametrize("D", [30, 32])
+@pytest.mark.parametrize("scale", [0.0, -0.3, 1e-4, 0.125, 3.0, 2000.0])
+def test_scales(scale, D):
+    # 0, negative and extreme scales take the q-side placement of the scale (also with 16-byte copies, D = 32)
+    q, k, v, bq, bk = make_inputs(2, 100, 2, D, 16, torch.float16, False, seed=3)
+    if scale > 100:
+        q = q * 0.01  # keep logits moderate
+    check_against_reference(q, k, v, bq, bk, scale=scale)
+
+
+def test_factor_views():
+    # factors as strided views (last dim contiguous), e.g. slices of a wider projection
+    q, k, v, _, _ = make_inputs(2, 96, 3, 30, 18, torch.bfloat16, False, seed=11)
+    wide = torch.randn(3, 96, 40, device="cuda").to(torch.bfloat16) * 0.5
+    check_against_reference(q, k, v, wide[..., 1:19], wide[..., 20:38])
+
+
+# --- strided inputs ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("D", [30, 32, 16])
+def test_packed_qkv_views(D):
+    # (B, N, 3*H*D) projection output viewed as q, k, v: rows and heads only 4-byte aligned for D = 30
+    B, N, H, R = 3, 257, 6, 18
+    qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.view(B, N, 3, H, D).unbind(2)
+    assert not q.is_contiguous()
+    bq = torch.randn(H, N, R, device="cuda").to(torch.bfloat16) * 0.5
+    bk = torch.randn(H, N, R, device="cuda").to(torch.bfloat16) * 0.5
+    check_against_reference(q, k, v, bq, bk)
+
+
+def test_channels_last_views():
+    # a channels-last qkv 1x1-conv output (images, height, width, 3*H*D) with one window per image row band,
+    # read sequence-first: strides of batch and sequence swapped relative to a contiguous tensor
+    imgs, hh, ww, H, D, R = 4, 8, 16, 6, 30, 18
+    conv = torch.randn(imgs, 3 * H * D, hh, ww, device="cuda", dtype=torch.float16)
+    conv = conv.contiguous(memory_format=torch.channels_last)
+    x = conv.permute(0, 2, 3, 1).reshape(imgs, hh * ww, 3, H, D)  # a view, no copy
+    assert x.data_ptr() == conv.data_ptr()
+    q, k, v = x.unbind(2)
+    seq_first = torch.randn(hh * ww, imgs, 3, H, D, device="cuda", dtype=torch.float16)
+    q2, k2, v2 = seq_first.transpose(0, 1).unbind(2)
+    N = hh * ww
+    bq = torch.randn(imgs, H, N, R, device="cuda").half() * 0.5
+    bk = torch.randn(imgs, H, N, R, device="cuda").half() * 0.5
+    check_against_reference(q, k, v, bq, bk)
+    check_against_reference(q2, k2, v2, bq, bk)
+
+
+def test_large_batch():
+    # more windows than gridDim.y/z could hold
+    B, N, H, D, R = 70_000, 16, 1, 16, 16
+    q, k, v, bq, bk = make_inputs(B, N, H, D, R, torch.bfloat16, False, seed=5)
+    check_against_reference(q, k, v, bq, bk)
+
+
+# --- behaviour -----------------------------------------------------------------------------------------------------
+
+def test_deterministic():
+    q, k, v, bq, bk = make_inputs(8, 300, 4, 30, 18, torch.bfloat16, False, seed=9)
+    a, la = run_fwd(q, k, v, bq, bk, 0.2)
+    b, lb = run_fwd(q, k, v, bq, bk, 0.2)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_composite_default_scale():
+    q, k, v, bq, bk = make_inputs(2, 64, 2, 32, 16, torch.bfloat16, False, seed=1)
+    out = torch.ops.rfsr.flash_rfbias(q, k, v, bq, bk)
+    ref, _ = reference(q, k, v, bq, bk, 32 ** -0.5)
+    assert rel_err(out, ref) <= TOL[torch.bfloat16]
+
+
+def test_cpu_and_cuda_agree():
+    q, k, v, bq, bk = make_inputs(2, 77, 3, 30, 18, torch.bfloat16, False, seed=21)
+    out, lse = torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq, bk, 0.3)
+    cpu = [t.cpu().float() for t in (q, k, v, bq, bk)]
+    out_c, lse_c = torch.ops.rfsr.flash_rfbias_fwd(*cpu, 0.3)
+    assert rel_err(out.cpu().float(), out_c) <= 1e-2
+    assert (lse.cpu() - lse_c).abs().max().item() <= 3e-2
+
+
+def test_cuda_graph():
+    q, k, v, bq, bk = make_inputs(16, 256, 6, 30, 18, torch.bfloat16, False, seed=2)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq, bk, 0.2)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, lse = torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq, bk, 0.2)
+    g.replay()
+    ref, ref_lse = torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq, bk, 0.2)
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    for t in (q, k, v, bq, bk):
+        t.copy_(torch.randn_like(t) * (0.5 if t.dim() == 3 else 1.0))
+    g.replay()
+    ref2, _ = torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq, bk, 0.2)
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref2)
+
+
+def test_empty_inputs():
+    q, k, v, bq, bk = make_inputs(0, 16, 2, 32, 16, torch.bfloat16, False, seed=0)
+    out, lse = torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq, bk, 0.2)
+    assert out.shape == q.shape and lse.shape == (0, 2, 16)
+
+
+@pytest.mark.parametrize(
+    "D,R,dtype,exc,match",
+    [
+        (32, 16, torch.float32, TypeError, "bfloat16"),
+        (31, 16, torch.bfloat16, ValueError, "even"),
+        (130, 16, torch.bfloat16, ValueError, "128"),
+        (32, 130, torch.bfloat16, ValueError, "128"),
+    ],
+)
+def test_errors(D, R, dtype, exc, match):
+    q = torch.randn(1, 8, 1, D, device="cuda", dtype=dtype)
+    b = torch.randn(1, 8, R, device="cuda", dtype=dtype)
+    torch.cuda.synchronize()
+    with pytest.raises(exc, match=match):
+        torch.ops.rfsr.flash_rfbias_fwd(q, q, q, b, b, 0.1)
