@@ -7,9 +7,19 @@
         --lr 2.5e-4 --steps 250000 --out runs/light_x3
     # pick up where an interrupted run stopped
     python examples/train.py ... --out runs/light_x2 --resume
+    # several GPUs of one machine (DistributedDataParallel, one process per GPU): --batch-size is per GPU, so this
+    # is the recipe's global batch of 16 on 2 GPUs
+    torchrun --standalone --nproc_per_node=2 examples/train.py --preset sst_light --scale 2 --batch-size 8 \
+        --data DIV2K_train_HR --val Set5 --out runs/light_x2
 
 Writes OUT/checkpoints/step_*.pt (full training state), OUT/train_log.jsonl and, at the end, the EMA weights as
 OUT/{preset}_x{scale}.safetensors (loadable by examples/upscale.py --weights).
+
+Under torchrun each process trains on cuda:LOCAL_RANK (NCCL; gloo with --device cpu) and reads its own shard of
+the sample stream (global sample t*G + rank*b + i at step t, G = b * WORLD_SIZE). Rank 0 alone prints, logs,
+validates, writes checkpoints and exports. A checkpoint resumes on any number of processes (--resume); with the
+same global batch the sample sequence continues exactly, otherwise a warning says so (the lr is not rescaled).
+The log's "images_per_s" is the global training throughput (validation and checkpoints excluded).
 """
 from __future__ import annotations
 
@@ -61,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", required=True, help="folder of HR training images (searched recursively)")
     g.add_argument("--val", default=None, help="folder of HR validation images (PSNR-Y/SSIM-Y, crop = scale)")
     g.add_argument("--lr-patch", type=int, default=d.lr_patch, help="LR patch side; HR crops are scale times larger")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
-    g.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="patches per step and process (under torchrun: per GPU; the global batch is this times "
+                        "WORLD_SIZE)")
+    g.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help="data loader processes (per training process)")
     g.add_argument("--cache-images", action="store_true", help="keep decoded training images in memory")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d.steps, help="total optimiser steps")
@@ -86,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint; 'auto' (or the bare flag) takes the newest in OUT/checkpoints "
                         "and starts fresh if there is none")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", default=d.device,
+                   help="auto, cpu, cuda or cuda:N (under torchrun: auto or cuda = cuda:LOCAL_RANK with NCCL, "
+                        "cpu = gloo)")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the model init and the data order/crops")
     g.add_argument("--val-every", type=int, default=d.val_every, help="validate every N steps (and at the end)")
     g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the end)")
@@ -112,7 +127,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     result = train(config_from_args(args))
+    if result["rank"] != 0:  # rank 0 reports for the whole run
+        return 0
     parts = [f"done: step {result['step']}/{args.steps} in {result['seconds']:.1f} s"]
+    if result["world_size"] > 1:
+        parts.append(f"{result['world_size']} processes, global batch {result['global_batch']}")
+    if result["images_per_s"]:
+        parts.append(f"{result['images_per_s']:.1f} images/s")
     if result["losses"]:
         parts.append(f"L1 {result['losses'][-1][1]:.5f}")
     if result["val"]:

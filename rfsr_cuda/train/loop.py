@@ -7,16 +7,27 @@ Checkpoints are plain ``torch.save`` dictionaries of tensors and primitive conta
 ``torch.load(weights_only=True)``: model, EMA, optimiser and scheduler state dicts, the step, the Python/numpy/torch
 RNG states (converted to lists and tensors), the model config and the training config. They are written to a
 temporary file and renamed into place.
+
+Multi-process training (``torchrun --nproc_per_node=N examples/train.py ...``, see :mod:`.distributed`): the model
+is wrapped in DistributedDataParallel, ``batch_size`` is per process (the global batch is N times larger), each
+rank reads its own shard of the sample stream, and rank 0 alone keeps the EMA, logs, validates, writes checkpoints
+and exports while the other ranks wait at barriers. A checkpoint also records the world size, the per-process and
+global batch and every rank's RNG state; it resumes on any number of processes. At each checkpoint the ranks
+compare SHA-256 digests of their weights (logged as ``weights_sha256``) and stop if the replicas differ. With the
+environment variable ``RFSR_TRAIN_DEBUG_DIR`` set, every rank writes ``rank{R}.json`` there at the end (digests
+of its first 16 batches' HR patches and of its final weights), for tests.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -30,6 +41,8 @@ from tqdm.auto import tqdm
 from ..image_io import atomic_write
 from ..metrics import evaluate_image
 from .data import HRFolderDataset, load_validation_set
+from .distributed import (DistInfo, ShardedSampleRange, all_gather_object, all_reduce_mean, barrier,
+                          broadcast_object, distributed_session, rank_seed, weights_digest)
 
 __all__ = [
     "TrainConfig",
@@ -59,7 +72,7 @@ class TrainConfig:
     val: Optional[str] = None  # folder of HR validation images (full images, LR by the same bicubic)
     out: str = "runs/sst"
     steps: int = 500_000
-    batch_size: int = 16
+    batch_size: int = 16  # per process: under torchrun the global batch is WORLD_SIZE times larger
     lr_patch: int = 64
     lr: float = 5e-4
     betas: Tuple[float, float] = (0.9, 0.9)
@@ -317,28 +330,84 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
 
 
+def _rank_rng_state(device: torch.device) -> Dict[str, Any]:
+    """One process's RNG state for a distributed checkpoint (CUDA: its own device's generator only)."""
+    state = _rng_state()
+    state.pop("cuda", None)
+    if device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rank_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    _set_rng_state({k: v for k, v in state.items() if k != "cuda_device"})
+    if device.type == "cuda" and "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _saved_layout(state: Dict[str, Any]) -> Tuple[int, int, int]:
+    """(world size, batch per process, global batch) of the run that wrote ``state`` (older ones: 1 process)."""
+    world = int(state.get("world_size", 1))
+    batch = int(state.get("batch_size", state.get("train_config", {}).get("batch_size", 0)))
+    return world, batch, int(state.get("global_batch", world * batch))
+
+
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run (or resume) training as ``cfg`` says. Returns a summary dict:
 
-    ``step``, ``losses`` ([(step, mean L1 over the last log window)]), ``val`` (last validation or None),
-    ``checkpoint`` (path of the last checkpoint), ``export`` (path of the safetensors export or None), ``seconds``.
+    ``step``, ``losses`` ([(step, mean L1 over the last log window, averaged over the ranks)]), ``val`` (last
+    validation or None), ``checkpoint`` (path of the last checkpoint), ``export`` (path of the safetensors export or
+    None), ``seconds``, ``images_per_s`` (global training throughput, validation and checkpoints excluded),
+    ``rank``, ``world_size``, ``global_batch``. ``val`` and ``export`` are None on ranks other than 0.
+
+    Under torchrun (``WORLD_SIZE > 1`` in the environment) this joins the process group for the duration of the
+    call (or uses one the caller initialised); see :mod:`rfsr_cuda.train.distributed`.
     """
+    with distributed_session(cfg.device) as info:
+        return _train(cfg, info)
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     t_start = time.time()
     _check_config(cfg)
-    device = _resolve_device(cfg.device)
+    if info.enabled:
+        device = torch.device("cuda", info.local_rank) if info.backend == "nccl" else torch.device("cpu")
+    else:
+        device = _resolve_device(cfg.device)
+    main = info.is_main
+    world = info.world_size
+    global_batch = cfg.batch_size * world
     out = Path(cfg.out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def say(text: str, **record: Any) -> None:
+        """A line for the console and (with ``record``) the log, from rank 0."""
+        if main:
+            tqdm.write(text)
+            if record:
+                _log(out, record)
 
     resume_path = None
     if cfg.resume:
-        resume_path = find_latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.resume != "auto" and not resume_path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {resume_path}")
+        if cfg.resume == "auto":  # rank 0 decides, so every rank loads the same file
+            found = find_latest_checkpoint(out) if main else None
+            resume_path = broadcast_object(str(found) if found else None)
+            resume_path = Path(resume_path) if resume_path else None
+        else:
+            resume_path = Path(cfg.resume)
+            if not resume_path.is_file():
+                raise FileNotFoundError(f"no checkpoint at {resume_path}")
     state = load_training_state(resume_path) if resume_path else None
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    # the same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway)
+    _seed_everything(cfg.seed)
 
     if state is not None:
         if int(state["model_config"].get("upscaling_factor", cfg.scale)) != cfg.scale:
@@ -352,7 +421,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     model.to(device).train()
     model_config = _config_dict(model)
 
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    # the EMA lives on rank 0 only: after each synchronised step all ranks hold the same weights
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 and main else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay)
     schedule = WarmupSchedule(cfg.steps, cfg.resolved_warmup(), cfg.schedule, cfg.resolved_milestones(),
@@ -360,7 +430,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     step = 0
-    if state is not None:
+    if state is None:
+        if info.rank > 0:  # rank 0 keeps the plain seed (a one-process run is unchanged); the others their own
+            _seed_everything(rank_seed(cfg.seed, info.rank, 0))
+    else:
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
@@ -373,43 +446,97 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * schedule(scheduler.last_epoch)
         step = int(state["step"])
-        _set_rng_state(state["rng"])
+        saved_world, saved_batch, saved_global = _saved_layout(state)
+        rank_states = state.get("rng_ranks")
+        if saved_world == world and world > 1 and rank_states and len(rank_states) == world:
+            _set_rank_rng_state(rank_states[info.rank], device)  # the exact state each rank had
+        elif main:
+            _set_rng_state(state["rng"])
+        else:  # no saved state for this rank: derived from (seed, rank, step)
+            _seed_everything(rank_seed(cfg.seed, info.rank, step))
+        if saved_world != world or saved_batch != cfg.batch_size:
+            say(f"resuming step {step} of a {saved_world}-process run (batch {saved_batch} per process, global "
+                f"{saved_global}) on {world} process{'es' if world > 1 else ''} (batch {cfg.batch_size} per "
+                f"process, global {global_batch})",
+                event="resume_layout_change", step=step, saved_world_size=saved_world,
+                saved_batch_size=saved_batch, saved_global_batch=saved_global, world_size=world,
+                batch_size=cfg.batch_size, global_batch=global_batch)
+        if saved_global != global_batch and main:
+            msg = (f"the global batch changed from {saved_global} to {global_batch}: training continues from step "
+                   f"{step} with samples {step * global_batch}+ (not the saved run's sequence), the learning rate "
+                   f"schedule continues by step and is not rescaled")
+            warnings.warn(msg, stacklevel=2)
+            say(f"warning: {msg}", event="warning", step=step, message=msg)
     del state
 
     dataset = HRFolderDataset(cfg.data, cfg.scale, cfg.lr_patch, augment=cfg.augment, quantize_lr=cfg.quantize_lr,
                               seed=cfg.seed, cache=cfg.cache_images)
-    val_items = load_validation_set(cfg.val, cfg.scale, quantize_lr=cfg.quantize_lr) if cfg.val else None
-    # sample numbers, not shuffled indices: the dataset maps each to an image and a crop deterministically
-    sampler = range(step * cfg.batch_size, cfg.steps * cfg.batch_size)
+    val_items = load_validation_set(cfg.val, cfg.scale, quantize_lr=cfg.quantize_lr) if cfg.val and main else None
+    # sample numbers, not shuffled indices: the dataset maps each to an image and a crop deterministically. Step t
+    # of rank r reads t·global_batch + r·batch + i: disjoint shards whose union does not depend on the world size
+    sampler = ShardedSampleRange(step, cfg.steps, cfg.batch_size, info.rank, world)
     # its own generator, so creating the loader does not draw from the global RNG (the saved state stays exact)
+    loader_seed = cfg.seed + step if info.rank == 0 else rank_seed(cfg.seed, info.rank, step)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.num_workers > 0,
-                        generator=torch.Generator().manual_seed(cfg.seed + step))
+                        generator=torch.Generator().manual_seed(loader_seed))
 
-    forward = torch.compile(model) if cfg.compile else model
+    train_model: nn.Module = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # every parameter gets a gradient each step (the RIB factors are recomputed from their parameters in
+        # training mode, never cached), so find_unused_parameters stays off; SST has no buffers (no BatchNorm), so
+        # there is nothing for DDP to broadcast per forward
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(train_model) if cfg.compile else train_model
     use_amp = cfg.amp and device.type == "cuda"
     eval_model = ema.module if ema is not None else model
+    say(f"training {cfg.preset} x{cfg.scale} on {world} process{'es' if world > 1 else ''} "
+        f"({f'{info.backend}, {device.type}' if world > 1 else device}): batch {cfg.batch_size} per process, "
+        f"global batch {global_batch}; steps {step} -> {cfg.steps}",
+        event="start", step=step, world_size=world, backend=info.backend, device=device.type,
+        batch_size=cfg.batch_size, global_batch=global_batch, steps=cfg.steps)
+
+    debug_dir = os.environ.get("RFSR_TRAIN_DEBUG_DIR")  # tests: per-rank sample digests and final weights
+    debug_batches: List[List[str]] = []
 
     def checkpoint(at_step: int) -> Path:
         path = out / "checkpoints" / f"step_{at_step:08d}.pt"
-        save_training_state(path, {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "step": at_step,
-            "preset": cfg.preset,
-            "scale": cfg.scale,
-            "model_config": model_config,
-            "model": model.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "train_config": _primitive_config(cfg),
-        })
-        if cfg.keep_checkpoints > 0:
-            old = sorted(p for p in path.parent.iterdir() if _STEP_RE.match(p.name))
-            for p in old[: -cfg.keep_checkpoints]:
-                p.unlink()
+        per_rank = None
+        if info.enabled:  # every rank: its RNG state, and a digest proving the replicas are still identical
+            per_rank = all_gather_object({"rng": _rank_rng_state(device), "digest": weights_digest(model)})
+        if main:
+            save_training_state(path, {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "step": at_step,
+                "preset": cfg.preset,
+                "scale": cfg.scale,
+                "model_config": model_config,
+                "model": model.state_dict(),  # the bare model: no DDP "module." prefix
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "rng_ranks": [r["rng"] for r in per_rank] if per_rank else None,
+                "world_size": world,
+                "batch_size": cfg.batch_size,
+                "global_batch": global_batch,
+                "train_config": _primitive_config(cfg),
+            })
+            if cfg.keep_checkpoints > 0:
+                old = sorted(p for p in path.parent.iterdir() if _STEP_RE.match(p.name))
+                for p in old[: -cfg.keep_checkpoints]:
+                    p.unlink()
+        if per_rank:
+            digests = [r["digest"] for r in per_rank]
+            if main:
+                _log(out, {"step": at_step, "event": "checkpoint", "weights_sha256": digests})
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"step {at_step}: the DDP replicas' weights differ across ranks "
+                                   f"({digests}); the checkpoint holds rank 0's")
+            barrier()  # the file exists for every rank before any goes on
         return path
 
     losses: List[Tuple[int, float]] = []
@@ -417,57 +544,94 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     last_ckpt = None
     window_sum = torch.zeros((), device=device)
     window_n = 0
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, dynamic_ncols=True, desc="train")
-    for lr_img, hr_img in loader:
-        lr_img = lr_img.to(device, non_blocking=True)
-        hr_img = hr_img.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            sr = forward(lr_img)
-        loss = torch.nn.functional.l1_loss(sr.float(), hr_img)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        step += 1
-        bar.update(1)
-        window_sum += loss.detach()
-        window_n += 1
+    timed_steps = 0  # steps since the throughput clock was (re)started
+    train_seconds = 0.0
+    trained_steps = 0
+    t_clock = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and main), dynamic_ncols=True, desc="train")
+    try:
+        for lr_img, hr_img in loader:
+            if debug_dir and len(debug_batches) < 16:
+                debug_batches.append([hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16] for x in hr_img])
+            lr_img = lr_img.to(device, non_blocking=True)
+            hr_img = hr_img.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                sr = forward(lr_img)
+            loss = torch.nn.functional.l1_loss(sr.float(), hr_img)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients over the ranks here
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            bar.update(1)
+            window_sum += loss.detach()
+            window_n += 1
+            timed_steps += 1
 
-        if _due(step, cfg.log_every, cfg.steps):
-            mean_loss = float(window_sum) / window_n
-            window_sum.zero_()
-            window_n = 0
-            if not math.isfinite(mean_loss):
-                bar.close()
-                raise FloatingPointError(f"loss is {mean_loss} at step {step}; the last good checkpoint is "
-                                         f"{last_ckpt or 'not written yet'}")
-            lr_now = scheduler.get_last_lr()[0]
-            losses.append((step, mean_loss))
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}")
-            _log(out, {"step": step, "loss": mean_loss, "lr": lr_now})
-        if val_items and _due(step, cfg.val_every, cfg.steps):
-            val_result = validate(eval_model, val_items, cfg.scale, device, cfg.amp)
-            bar.write(f"step {step}: val PSNR-Y {val_result['psnr']:.3f} dB, SSIM-Y {val_result['ssim']:.4f} "
-                      f"({val_result['images']} images)")
-            _log(out, {"step": step, "val_psnr": val_result["psnr"], "val_ssim": val_result["ssim"]})
-        if _due(step, cfg.save_every, cfg.steps):
-            last_ckpt = checkpoint(step)
-    bar.close()
-    if last_ckpt is None and step > 0:  # nothing left to run (resumed at the end): keep the path for the summary
+            if _due(step, cfg.log_every, cfg.steps):
+                all_reduce_mean(window_sum)  # the global mean loss: every rank sees (and checks) the same value
+                mean_loss = float(window_sum) / window_n
+                window_sum.zero_()
+                window_n = 0
+                elapsed = time.perf_counter() - t_clock  # float() above waited for the device
+                images_per_s = timed_steps * global_batch / max(elapsed, 1e-9)
+                train_seconds += elapsed
+                trained_steps += timed_steps
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"loss is {mean_loss} at step {step}; the last good checkpoint is "
+                                             f"{last_ckpt or 'not written yet'}")
+                lr_now = scheduler.get_last_lr()[0]
+                losses.append((step, mean_loss))
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}", img_s=f"{images_per_s:.1f}")
+                if main:
+                    _log(out, {"step": step, "loss": mean_loss, "lr": lr_now, "images_per_s": images_per_s})
+                timed_steps, t_clock = 0, time.perf_counter()
+            val_due = bool(cfg.val) and _due(step, cfg.val_every, cfg.steps)
+            save_due = _due(step, cfg.save_every, cfg.steps)
+            if (val_due or save_due) and timed_steps:  # stop the throughput clock: these do not count
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_seconds += time.perf_counter() - t_clock
+                trained_steps += timed_steps
+                timed_steps = 0
+            if val_due:
+                if main:
+                    val_result = validate(eval_model, val_items, cfg.scale, device, cfg.amp)
+                    bar.write(f"step {step}: val PSNR-Y {val_result['psnr']:.3f} dB, SSIM-Y "
+                              f"{val_result['ssim']:.4f} ({val_result['images']} images)")
+                    _log(out, {"step": step, "val_psnr": val_result["psnr"], "val_ssim": val_result["ssim"]})
+                barrier()  # the other ranks wait for rank 0's validation
+            if save_due:
+                last_ckpt = checkpoint(step)
+            if val_due or save_due:
+                t_clock = time.perf_counter()
+    finally:
+        bar.close()
+    if last_ckpt is None and step > 0 and main:  # nothing left to run (resumed at the end): keep the path
         last_ckpt = find_latest_checkpoint(out)
 
     export_path = None
-    if cfg.export:
+    if cfg.export and main:
         export_path = out / f"{cfg.preset}_x{cfg.scale}.safetensors"
         meta = {"step": str(step), "ema_decay": str(cfg.ema_decay if ema is not None else 0.0)}
         if val_result is not None:
             meta.update(val_psnr_y=f"{val_result['psnr']:.4f}", val_ssim_y=f"{val_result['ssim']:.6f}")
         export_model = ema.module if ema is not None else model
         _save_export(export_model, export_path, meta)
+    if debug_dir:
+        Path(debug_dir).mkdir(parents=True, exist_ok=True)
+        (Path(debug_dir) / f"rank{info.rank}.json").write_text(json.dumps({
+            "rank": info.rank, "world_size": world, "step": step, "batches": debug_batches,
+            "weights_sha256": weights_digest(model)}))
+    barrier()  # the other ranks return once rank 0's export is written
+    images_per_s = trained_steps * global_batch / train_seconds if train_seconds > 0 else None
+    if main and trained_steps:
+        _log(out, {"step": step, "event": "end", "images_per_s": images_per_s, "world_size": world,
+                   "global_batch": global_batch, "train_seconds": train_seconds})
 
     return {
         "step": step,
@@ -476,6 +640,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "export": str(export_path) if export_path else None,
         "seconds": time.time() - t_start,
+        "images_per_s": images_per_s,
+        "rank": info.rank,
+        "world_size": world,
+        "global_batch": global_batch,
     }
 
 
