@@ -150,30 +150,29 @@ def flex_fn():
     global _FLEX
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
+        # one compile per case and direction: the default recompile limit (8) would silently drop the later cases
+        # to the unfused, score-materialising fallback
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
 
 
 def build_methods(name, D, R, H, W, q, k, v, bq, bk, wanted):
+    """name -> fn(q, k, v, bq, bk) returning the attention output; bq, bk are the float32 factors a model holds."""
     from torch.nn.attention import SDPBackend
     m = {}
     if "rfsr" in wanted:
         s = D ** -0.5
-        # The op takes the factors in the compute dtype, as a model holds them; the concat paths below cast
-        # theirs inside the timed call (a few microseconds, but it would count in the op's peak memory).
-        bq16, bk16 = (bq * R ** -0.5).to(DT), bk.to(DT)
-        m["rfsr"] = lambda: torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq16, bk16, s)[0]
-
+        m["rfsr"] = lambda q, k, v, bq, bk: torch.ops.rfsr.flash_rfbias(q, k, v, (bq * R ** -0.5).to(DT), bk.to(DT), s)
     if "concat_flash" in wanted:
-        m["concat_flash"] = lambda: concat_attn(q, k, v, bq, bk, SDPBackend.FLASH_ATTENTION)
+        m["concat_flash"] = lambda q, k, v, bq, bk: concat_attn(q, k, v, bq, bk, SDPBackend.FLASH_ATTENTION)
     if "concat_cudnn" in wanted:
-        m["concat_cudnn"] = lambda: concat_attn(q, k, v, bq, bk, SDPBackend.CUDNN_ATTENTION)
+        m["concat_cudnn"] = lambda q, k, v, bq, bk: concat_attn(q, k, v, bq, bk, SDPBackend.CUDNN_ATTENTION)
     if "nobias_flash" in wanted:
-        m["nobias_flash"] = lambda: nobias_attn(q, k, v)
+        m["nobias_flash"] = lambda q, k, v, bq, bk: nobias_attn(q, k, v)
     if "flex_rpb" in wanted:
         table = torch.randn(H, (2 * W - 1) ** 2, device="cuda") * 0.1
         P = 1 << (D - 1).bit_length()
-        qf, kf, vf = (F.pad(t.transpose(1, 2), (0, P - D)) for t in (q, k, v))
 
         def score_mod(score, b, h, qi, ki):
             qh, qw = qi // W, qi % W
@@ -181,7 +180,12 @@ def build_methods(name, D, R, H, W, q, k, v, bq, bk, wanted):
             return score + table[h, (kh - qh + W - 1) * (2 * W - 1) + (kw - qw + W - 1)]
 
         flex = flex_fn()
-        m["flex_rpb"] = lambda: flex(qf, kf, vf, score_mod=score_mod, scale=D ** -0.5)[..., :D]
+
+        def flex_rpb(q, k, v, bq, bk):
+            qf, kf, vf = (F.pad(t.transpose(1, 2), (0, P - D)) for t in (q, k, v))
+            return flex(qf, kf, vf, score_mod=score_mod, scale=D ** -0.5)[..., :D]
+
+        m["flex_rpb"] = flex_rpb
     return m
 
 
@@ -204,6 +208,8 @@ def write(res, path):
         mine = by.get((r["case"], "rfsr"))
         if mine and mine.get("fwd_ms") and r.get("fwd_ms"):
             r["rfsr_speedup"] = round(r["fwd_ms"] / mine["fwd_ms"], 3)
+        if mine and mine.get("fwdbwd_ms") and r.get("fwdbwd_ms"):
+            r["rfsr_fwdbwd_speedup"] = round(r["fwdbwd_ms"] / mine["fwdbwd_ms"], 3)
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
 
@@ -214,6 +220,7 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--cases", default=",".join(c[0] for c in CASES))
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--no-backward", action="store_true", help="forward timings only")
     a = ap.parse_args(argv)
     wanted = a.methods.split(",")
     if "rfsr" in wanted:
@@ -254,19 +261,41 @@ def main(argv=None):
                 base["rfsr_rel_err_vs_fp32"] = check_rfsr(q, k, v, bq, bk, R)
             except Exception as e:  # noqa: BLE001
                 base["rfsr_check_err"] = str(e)[:200]
+        # forward: the factors as an inference cache holds them (scaled, bf16), cast outside the timed call
+        bq16, bk16 = (bq * R ** -0.5).to(DT), bk.to(DT)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, bq, bk)]
+        grad_out = torch.randn_like(q)
         for meth, fn in build_methods(name, D, R, H, W, q, k, v, bq, bk, wanted).items():
             row = dict(base, method=meth)
+            if meth == "rfsr":
+                fwd = lambda: torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq16, bk16, D ** -0.5)[0]  # noqa: E731
+            else:
+                fwd = lambda fn=fn: fn(q, k, v, bq, bk)  # noqa: E731
             try:
                 with torch.no_grad():
-                    t = time_ms(fn, iters=a.iters)
-                    mem = peak_mib(fn)
+                    t = time_ms(fwd, iters=a.iters)
+                    mem = peak_mib(fwd)
                 row.update(fwd_ms=round(t, 4), fwd_peak_mib=round(mem, 1), tflops=round(flops / t / 1e9, 1),
-                           floor_fraction=round(floor / t, 3), fwdbwd_ms=None, fwdbwd_peak_mib=None)
+                           floor_fraction=round(floor / t, 3))
             except Exception as e:  # noqa: BLE001
                 row.update(fwd_ms=None, error=f"{type(e).__name__}: {str(e)[:200]}")
+            if not a.no_backward:
+                # training: gradients for q, k, v and the float32 factors (their cast and scale inside the call)
+                def fwdbwd(fn=fn):
+                    for t_ in leaves:
+                        t_.grad = None
+                    # rfsr returns (B, N, H, D), the SDPA/flex paths (B, H, N, D)
+                    torch.autograd.backward(fn(*leaves), grad_out if meth == "rfsr" else grad_out.transpose(1, 2))
+                try:
+                    tb = time_ms(fwdbwd, iters=a.iters)
+                    row.update(fwdbwd_ms=round(tb, 4), fwdbwd_peak_mib=round(peak_mib(fwdbwd), 1))
+                except Exception as e:  # noqa: BLE001
+                    row.update(fwdbwd_ms=None, fwdbwd_error=f"{type(e).__name__}: {str(e)[:200]}")
             res["rows"].append(row)
             print(json.dumps({k_: row.get(k_) for k_ in ("case", "method", "fwd_ms", "fwd_peak_mib", "tflops",
-                                                         "floor_fraction", "error")}), flush=True)
+                                                         "floor_fraction", "fwdbwd_ms", "fwdbwd_peak_mib",
+                                                         "error", "fwdbwd_error")}), flush=True)
+        del leaves, grad_out, bq16, bk16
         del q, k, v, bq, bk
         torch.cuda.empty_cache()
         write(res, out_path)  # after every case, so a run cut short still leaves its rows
@@ -291,6 +320,15 @@ def main(argv=None):
             cu = by.get((name, "concat_cudnn"), {}).get("rfsr_speedup")
             extra = f"   {100 * mine['floor_fraction']:6.1f}%  {fl}  {cu}"
         print(f"{name:<10} " + " ".join(cells) + extra)
+    if not a.no_backward:
+        print("fwd+bwd ms")
+        for name, *_ in cases:
+            cells = []
+            for m in meths:
+                r = by.get((name, m))
+                cells.append(f"{r['fwdbwd_ms']:>13.3f}" if r and r.get("fwdbwd_ms") else f"{'-':>13}")
+            fl = by.get((name, "concat_flash"), {}).get("rfsr_fwdbwd_speedup")
+            print(f"{name:<10} " + " ".join(cells) + f"   x_flash {fl}")
     print(f"wrote {path}")
 
 

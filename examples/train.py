@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="periodic checkpoints kept; 0 = all")
     g.add_argument("--log-every", type=int, default=d.log_every, help="average and log the loss every N steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop after this long (checked at log points), checkpoint and export; --resume continues")
     return p
 
 
@@ -120,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         compile=args.compile, device=args.device, seed=args.seed, num_workers=args.num_workers,
         cache_images=args.cache_images, init=args.init, resume=args.resume, val_every=args.val_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
-        progress=not args.no_progress,
+        progress=not args.no_progress, time_limit=args.time_limit,
     )
 
 

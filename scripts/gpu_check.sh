@@ -6,7 +6,7 @@
 #   scripts/gpu_check.sh [OUT_DIR]
 # Knobs: RFSR_CUDA_ARCHS (default: this GPU's arch), RFSR_KERNELS, RFSR_CUTLASS_INCLUDE (default: .carry/cutlass/include
 # when present, else the nvidia-cutlass package), MAX_JOBS (default: all cores), BENCH_ARGS (extra benchmark arguments),
-# SKIP_BUILD=1, SKIP_TESTS=1, SKIP_BENCH=1.
+# SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-./gpu_check_out}
@@ -46,12 +46,25 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  $PY -X faulthandler -m pytest tests/test_flash_rfbias_cuda.py -q -rfE --durations=10 -p no:cacheprovider ${TEST_ARGS:-} \
+  $PY -X faulthandler -m pytest tests/test_flash_rfbias_cuda.py tests/test_flash_rfbias_cuda_bwd.py \
+      tests/models/test_sst_cuda.py -q -rfE --durations=10 -p no:cacheprovider ${TEST_ARGS:-} \
       --junitxml="$OUT_DIR/pytest.xml" > "$OUT_DIR/pytest.log" 2>&1
   rc=$?
   [ $rc -ne 0 ] && status=$rc
   echo "tests: rc=$rc  $(tail -1 "$OUT_DIR/pytest.log")"
   grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest.log" | head -30
+fi
+
+if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+  # memcheck and racecheck on small forward + backward shapes; any report fails the check
+  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool $tool --error-exitcode 9 \
+        $PY scripts/sanitize_small.py > "$OUT_DIR/sanitizer-$tool.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && status=$rc
+    echo "compute-sanitizer $tool: rc=$rc  $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT_DIR/sanitizer-$tool.log" | tail -1)"
+  done
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then

@@ -287,3 +287,16 @@ def test_cli_init_from_another_scale(first_run, image_dirs, tmp_path):
     body = [k for k in x2 if not k.startswith("upsampler")]
     assert body and all(torch.equal(x2[k], x3[k]) for k in body)
     assert any(x2[k].shape != x3[k].shape for k in x2 if k.startswith("upsampler"))
+
+
+def test_time_limit_stops_saves_exports_and_resumes(image_dirs, tmp_path):
+    train_dir, val_dir = image_dirs
+    result = train(_cfg(train_dir, val_dir, tmp_path, steps=10_000, time_limit=0.0, val_every=0, save_every=0))
+    steps_done = result["losses"][-1][0]
+    assert steps_done == 1  # the limit is checked at the first log point
+    assert (tmp_path / "checkpoints" / "step_00000001.pt").is_file()
+    assert result["export"] and Path(result["export"]).is_file()
+    state = load_training_state(tmp_path / "checkpoints" / "step_00000001.pt")
+    assert state["scheduler"]["lr_lambdas"][0]["total_steps"] == 10_000  # the schedule keeps its length
+    resumed = train(_cfg(train_dir, val_dir, tmp_path, steps=3, resume="auto", val_every=0, save_every=0))
+    assert [s for s, _ in resumed["losses"]] == [2, 3]

@@ -181,8 +181,11 @@ def save_checkpoint(model: SST, path, extra_metadata: dict[str, str] | None = No
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result should have a normal file's mode
         os.replace(tmp, path)  # readers see the old file or the complete new one, never a partial write
     except BaseException:
         if os.path.exists(tmp):

@@ -102,6 +102,9 @@ class TrainConfig:
     log_every: int = 100
     progress: bool = True
     export: bool = True  # write the EMA weights as rfsr safetensors at the end
+    # stop early, checkpoint and export once this many seconds of the run have passed (checked at log points);
+    # the schedule keeps its length, so a resumed run continues it. None: no limit.
+    time_limit: Optional[float] = None
 
     def resolved_warmup(self) -> int:
         if self.warmup is not None:
@@ -547,7 +550,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     timed_steps = 0  # steps since the throughput clock was (re)started
     train_seconds = 0.0
     trained_steps = 0
-    t_clock = time.perf_counter()
+    t_clock = t_run = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and main), dynamic_ncols=True, desc="train")
     try:
         for lr_img, hr_img in loader:
@@ -590,8 +593,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 if main:
                     _log(out, {"step": step, "loss": mean_loss, "lr": lr_now, "images_per_s": images_per_s})
                 timed_steps, t_clock = 0, time.perf_counter()
-            val_due = bool(cfg.val) and _due(step, cfg.val_every, cfg.steps)
-            save_due = _due(step, cfg.save_every, cfg.steps)
+            out_of_time = False
+            if cfg.time_limit is not None and _due(step, cfg.log_every, cfg.steps) and step < cfg.steps:
+                out_of_time = broadcast_object(time.perf_counter() - t_run > cfg.time_limit)  # rank 0 decides
+                if out_of_time and main:
+                    bar.write(f"time limit of {cfg.time_limit:.0f} s reached at step {step}: saving and exporting")
+                    _log(out, {"step": step, "event": "time_limit"})
+            val_due = bool(cfg.val) and (_due(step, cfg.val_every, cfg.steps) or out_of_time)
+            save_due = _due(step, cfg.save_every, cfg.steps) or out_of_time
             if (val_due or save_due) and timed_steps:  # stop the throughput clock: these do not count
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -609,6 +618,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 last_ckpt = checkpoint(step)
             if val_due or save_due:
                 t_clock = time.perf_counter()
+            if out_of_time:
+                break
     finally:
         bar.close()
     if last_ckpt is None and step > 0 and main:  # nothing left to run (resumed at the end): keep the path

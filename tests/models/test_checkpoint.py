@@ -215,3 +215,16 @@ def test_checkpoint_that_does_not_fit(tmp_path):
         load_checkpoint(model, tmp_path / "partial.pth")
     missing, unexpected = load_checkpoint(model, tmp_path / "partial.pth", strict=False)
     assert missing == ["body.1.2.attn.to_q"] and unexpected == ["extra.weight"]
+
+
+def test_saved_file_has_a_normal_mode(tmp_path):
+    import stat
+    from rfsr_cuda.models import SST, save_checkpoint
+    model = SST(dim=12, window_sizes=[4], num_heads=[2], ranks=[2], n_blocks=1, rib_hidden_dim=8, rib_n_freqs=2,
+                upscaling_factor=2, upsampler_type="pixelshuffle_direct")
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint(model, tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
