@@ -13,40 +13,12 @@
 #include <tuple>
 
 #include "rfbias_checks.h"
+#include "rfbias_cuda_common.h"
 #include "rfbias/params.h"
 #include "rfbias/instantiations/dispatch.h"
 
 namespace rfsr {
 namespace {
-
-constexpr int64_t kMaxHeadDim = 128;
-constexpr int64_t kMaxRank = 128;
-
-// Every stride of a dimension that is actually walked (size > 1), in bytes, is a multiple of `bytes`,
-// and so is the data pointer.
-bool is_aligned(const at::Tensor& t, int64_t bytes) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes != 0) return false;
-  const int64_t es = t.element_size();
-  for (int64_t d = 0; d < t.dim() - 1; ++d) {
-    if (t.size(d) > 1 && (t.stride(d) * es) % bytes != 0) return false;
-  }
-  return true;
-}
-
-const RfbiasFwdKernel* pick_kernel(RfbiasDtype dtype, int64_t D, int64_t R, int arch) {
-  int count = 0;
-  const RfbiasFwdKernel* table = rfbias_fwd_kernels(&count);
-  const RfbiasFwdKernel* best = nullptr;
-  for (int i = 0; i < count; ++i) {
-    const RfbiasFwdKernel& k = table[i];
-    if (k.run == nullptr || k.dtype != dtype || k.dqk < D + R || k.dv < D || k.min_arch > arch) continue;
-    if (best == nullptr || k.dqk + k.dv < best->dqk + best->dv ||
-        (k.dqk + k.dv == best->dqk + best->dv && k.dqk < best->dqk)) {
-      best = &k;
-    }
-  }
-  return best;
-}
 
 std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                          const at::Tensor& v_in, const at::Tensor& bias_q,
@@ -60,9 +32,9 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
                    dtype_str(q_in), ". Cast them first, e.g. q.to(torch.bfloat16) (the CPU op accepts float32/float64)");
   TORCH_CHECK_VALUE(s.D % 2 == 0, "q: the CUDA kernel needs an even head dim D (rows of whole 4-byte words), got D=",
                     num(s.D));
-  TORCH_CHECK_VALUE(s.D <= kMaxHeadDim, "q: the CUDA kernel supports head dims D <= ", num(kMaxHeadDim), ", got D=",
+  TORCH_CHECK_VALUE(s.D <= kCudaMaxHeadDim, "q: the CUDA kernel supports head dims D <= ", num(kCudaMaxHeadDim), ", got D=",
                     num(s.D));
-  TORCH_CHECK_VALUE(s.R <= kMaxRank, "bias_q: the CUDA kernel supports ranks R <= ", num(kMaxRank), ", got R=",
+  TORCH_CHECK_VALUE(s.R <= kCudaMaxRank, "bias_q: the CUDA kernel supports ranks R <= ", num(kCudaMaxRank), ", got R=",
                     num(s.R));
   TORCH_CHECK_VALUE(s.N <= INT_MAX / 2 && s.B <= INT_MAX && s.H <= INT_MAX,
                     "q: sizes too large for the CUDA kernel, got shape ", shape_str(q_in));
@@ -74,7 +46,9 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
                     dev_str(q_in), " (", prop->name, ") is ", num(prop->major), ".", num(prop->minor));
 
   const RfbiasDtype dtype = st == at::kHalf ? RfbiasDtype::kFloat16 : RfbiasDtype::kBFloat16;
-  const RfbiasFwdKernel* kernel = pick_kernel(dtype, s.D, s.R, arch);
+  int count = 0;
+  const RfbiasFwdKernel* table = rfbias_fwd_kernels(&count);
+  const RfbiasFwdKernel* kernel = pick_kernel(table, count, dtype, s.D, s.R, arch);
   TORCH_CHECK_VALUE(kernel != nullptr, "flash_rfbias: no CUDA kernel compiled for dtype ", dtype_str(q_in), ", D=", num(s.D), ", R=",
                     num(s.R), " (this build selected a subset with RFSR_KERNELS; rebuild with RFSR_KERNELS unset)");
 

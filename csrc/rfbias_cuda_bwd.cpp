@@ -17,24 +17,12 @@
 
 #include "rfbias_aten.h"
 #include "rfbias_checks.h"
+#include "rfbias_cuda_common.h"
 #include "rfbias/params_bwd.h"
 #include "rfbias/instantiations/dispatch_bwd.h"
 
 namespace rfsr {
 namespace {
-
-constexpr int64_t kBwdMaxHeadDim = 128;
-constexpr int64_t kBwdMaxRank = 128;
-
-// The data pointer and the byte stride of every walked dimension (size > 1) but the last are multiples of `bytes`.
-bool bwd_aligned(const at::Tensor& t, int64_t bytes) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes != 0) return false;
-  const int64_t es = t.element_size();
-  for (int64_t d = 0; d < t.dim() - 1; ++d) {
-    if (t.size(d) > 1 && (t.stride(d) * es) % bytes != 0) return false;
-  }
-  return true;
-}
 
 // The forward's placement of the softmax scale (rfbias_fold_scale, params.h), so the recomputed scores match the
 // saved lse; the logits are c * X with c = scale_log2 / log2(e), which is the dK / dbias_k multiplier.
@@ -43,21 +31,6 @@ void fold_scale_bwd(RfbiasBwdParams& p, double scale) {
   rfbias_fold_scale(scale, p.q_mult, p.bq_mult, p.scale_log2);
   p.c_mult = static_cast<float>(static_cast<double>(p.scale_log2) / kLog2e);
   p.scale = static_cast<float>(scale);
-}
-
-const RfbiasBwdKernel* pick_bwd_kernel(RfbiasDtype dtype, int64_t D, int64_t R, int arch) {
-  int count = 0;
-  const RfbiasBwdKernel* table = rfbias_bwd_kernels(&count);
-  const RfbiasBwdKernel* best = nullptr;
-  for (int i = 0; i < count; ++i) {
-    const RfbiasBwdKernel& k = table[i];
-    if (k.run == nullptr || k.dtype != dtype || k.dqk < D + R || k.dv < D || k.min_arch > arch) continue;
-    if (best == nullptr || k.dqk + k.dv < best->dqk + best->dv ||
-        (k.dqk + k.dv == best->dqk + best->dv && k.dqk < best->dqk)) {
-      best = &k;
-    }
-  }
-  return best;
 }
 
 }  // namespace
@@ -76,9 +49,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int arch = prop->major * 10 + prop->minor;
   const RfbiasDtype dtype = st == at::kHalf ? RfbiasDtype::kFloat16 : RfbiasDtype::kBFloat16;
-  const bool fused_ok = (st == at::kHalf || st == at::kBFloat16) && s.D % 2 == 0 && s.D <= kBwdMaxHeadDim &&
-                        s.R <= kBwdMaxRank && s.N <= INT_MAX / 2 && s.B <= INT_MAX && s.H <= INT_MAX && arch >= 80;
-  const RfbiasBwdKernel* kernel = fused_ok ? pick_bwd_kernel(dtype, s.D, s.R, arch) : nullptr;
+  const bool fused_ok = (st == at::kHalf || st == at::kBFloat16) && s.D % 2 == 0 && s.D <= kCudaMaxHeadDim &&
+                        s.R <= kCudaMaxRank && s.N <= INT_MAX / 2 && s.B <= INT_MAX && s.H <= INT_MAX && arch >= 80;
+  int count = 0;
+  const RfbiasBwdKernel* table = rfbias_bwd_kernels(&count);
+  const RfbiasBwdKernel* kernel = fused_ok ? pick_kernel(table, count, dtype, s.D, s.R, arch) : nullptr;
   if (kernel == nullptr) {
     return flash_rfbias_bwd_aten(grad_out_in, q_in, k_in, v_in, bias_q_in, bias_k_in, out_in, lse_in, scale);
   }
@@ -91,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
   if (s.B == 0 || s.N == 0 || s.H == 0) return {dq, dk, dv, dbq, dbk};
 
   // Rows must be 4-byte addressable (an odd element offset or stride is copied once).
-  auto rows4 = [](const at::Tensor& t) { return bwd_aligned(t, 4) ? t : t.contiguous(); };
+  auto rows4 = [](const at::Tensor& t) { return is_aligned(t, 4) ? t : t.contiguous(); };
   const at::Tensor q = rows4(q_in), k = rows4(k_in), v = rows4(v_in);
   const at::Tensor dout = rows4(grad_out_in), out = rows4(out_in);
   const at::Tensor lse = lse_in.contiguous();
@@ -140,9 +115,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
   p.R = static_cast<int>(s.R);
   p.bias_batched = s.bias_batched;
   fold_scale_bwd(p, scale);
-  p.qkv_vec16 = s.D % 8 == 0 && bwd_aligned(q, 16) && bwd_aligned(k, 16) && bwd_aligned(v, 16) &&
-                bwd_aligned(dout, 16);
-  p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && bwd_aligned(bias_q, 4) && bwd_aligned(bias_k, 4);
+  p.qkv_vec16 = s.D % 8 == 0 && is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16) &&
+                is_aligned(dout, 16);
+  p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_q, 4) && is_aligned(bias_k, 4);
 
   const cudaError_t err = kernel->run(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "flash_rfbias_bwd: launching ", kernel->name, " failed: ", cudaGetErrorString(err));
