@@ -1,0 +1,239 @@
+"""rfsr_cuda.upscale on CPU with tiny real SST models: tiling = untiled, OOM halving, fp16 NaN redo, TTA, image
+formats (16-bit, grey, alpha, metadata)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from rfsr_cuda.image_io import read_image, write_image
+from rfsr_cuda.models import create_model
+from rfsr_cuda.upscale import Upscaler, axis_weights, plan_axis, upscale_image_file
+
+TINY = dict(dim=12, window_sizes=[4, 8], num_heads=[2, 2], ranks=[4, 4], n_blocks=1, exp_ratio=1.5,
+            rib_hidden_dim=8, rib_n_freqs=4, upsampler_type="pixelshuffle_direct", gate_type="DWC")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = create_model("sst_light", upscaling_factor=2, **TINY).eval()
+    with torch.no_grad():  # away from the plain nearest-neighbour skip, still a smooth function
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return m
+
+
+class Wrapped(nn.Module):
+    """A real model with injected faults; exposes the config the Upscaler reads."""
+
+    def __init__(self, inner, fault):
+        super().__init__()
+        self.inner, self.fault, self.config, self.calls = inner, fault, inner.config, []
+
+    @property
+    def min_input_size(self):
+        return self.inner.min_input_size
+
+    def forward(self, x):
+        self.calls.append(tuple(x.shape))
+        out = self.fault(x)
+        return self.inner(x) if out is None else out
+
+
+class PerPixel(nn.Module):
+    """A ×2 model without spatial context (nearest upsampling of a per-pixel colour map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.9, 0.8, 0.7]))
+        self.config = type("Cfg", (), {"upscaling_factor": 2, "window_sizes": (8,)})()
+        self.min_input_size = 1
+
+    def forward(self, x):
+        y = torch.sin(3 * x) * self.w[:, None, None] * 0.5 + 0.25
+        return torch.nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+
+
+def test_plan_axis_aligned_and_covering():
+    for length in (70, 77, 96, 200, 33):
+        tiles = plan_axis(length, 32, 16, 8)
+        assert tiles[0][0] == 0 and tiles[-1][0] + tiles[-1][1] == length
+        assert all(o % 8 == 0 for o, _ in tiles)  # window layouts match the whole image's
+        assert all(size == 32 for _, size in tiles[:-1]) and 24 < tiles[-1][1] <= 32
+        for (o1, s1), (o2, _) in zip(tiles, tiles[1:]):
+            assert o1 + s1 - o2 >= 16  # at least the overlap
+        ws = axis_weights(tiles, 2)
+        total = torch.zeros(2 * length)
+        for (o, size), w in zip(tiles, ws):
+            total[2 * o:2 * (o + size)] += w
+        assert bool((total > 0.5).all())
+    assert plan_axis(20, 32, 16, 8) == [(0, 20)]
+
+
+def test_tiled_equals_untiled(model):
+    torch.manual_seed(1)
+    img = torch.rand(3, 90, 110)
+    ref = Upscaler(model, tile=0).upscale(img)
+    assert ref.shape == (3, 180, 220)
+    up = Upscaler(model, tile=48, overlap=24, tile_batch=3)
+    assert up.count_tiles(90, 110) == 12
+    out = up.upscale(img)
+    assert (out - ref).abs().max().item() < 1e-3
+    assert up.stats.forwards < up.count_tiles(90, 110)  # tiles were batched
+
+
+def test_oom_batch_then_tile_halving(model):
+    torch.manual_seed(2)
+    img = torch.rand(3, 48, 60)
+    plain = Upscaler(model, tile=32, overlap=16, tile_batch=1)
+    expect = plain.upscale(img)
+
+    def oom_for_batches(x):
+        if x.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    w = Wrapped(model, oom_for_batches)
+    up = Upscaler(w, tile=32, overlap=16, tile_batch=4)
+    out = up.upscale(img)
+    assert up.tile_batch == 1 and up.stats.oom_retries >= 1
+    torch.testing.assert_close(out, expect, rtol=0, atol=1e-6)  # the same tiles, one at a time
+
+    def oom_for_big(x):
+        if max(x.shape[-2:]) > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    w = Wrapped(model, oom_for_big)
+    up = Upscaler(w, tile=32, overlap=16, tile_batch=1)
+    out = up.upscale(img)
+    assert up.tile_size() == 16 and up.stats.tile_sizes == [16]
+    assert all(max(s[-2:]) <= 16 for s in w.calls[1:])  # after the first failure only small tiles
+    d = (out - Upscaler(model, tile=0).upscale(img)).abs()
+    assert d.max().item() < 0.1 and d.mean().item() < 5e-3  # 16-pixel tiles: less exact than 32, still close
+
+    # with a per-pixel model every correct tiling is exact: a stale, misplaced or skipped tile would show
+    local = Wrapped(PerPixel(), oom_for_big)
+    up = Upscaler(local, tile=32, overlap=16, tile_batch=2)
+    out = up.upscale(img)
+    assert up.stats.tile_sizes == [16] and up.tile_batch == 1
+    torch.testing.assert_close(out, PerPixel()(img[None])[0], rtol=0, atol=1e-6)
+
+    def always_oom(x):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        Upscaler(Wrapped(model, always_oom), tile=32).upscale(img)
+
+
+def test_fp16_nan_tile_is_redone_in_fp32(model):
+    torch.manual_seed(3)
+    img = torch.rand(3, 40, 50)
+    expect = Upscaler(model, tile=16, overlap=8, precision="fp32").upscale(img)
+
+    def nan_in_low_precision(x):
+        if torch.is_autocast_enabled("cpu"):
+            return torch.full((x.shape[0], 3, 2 * x.shape[2], 2 * x.shape[3]), float("nan"))
+
+    w = Wrapped(model, nan_in_low_precision)
+    up = Upscaler(w, tile=16, overlap=8, precision="fp16")
+    out = up.upscale(img)
+    assert up.stats.fp32_redos == up.count_tiles(40, 50)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expect, rtol=0, atol=1e-6)
+
+
+def test_tta_and_outscale_and_small_inputs(model):
+    torch.manual_seed(4)
+    arr = (torch.rand(20, 24, 3) * 255).round().to(torch.uint8).numpy()
+    x = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    tta = Upscaler(model, tile=0, tta=True).upscale(x)
+    plain = Upscaler(model, tile=0)
+    manual = torch.zeros_like(tta)
+    for k in range(4):
+        for flip in (False, True):
+            xi = torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1))
+            yi = torch.rot90(plain.upscale(xi.contiguous()), -k, dims=(-2, -1))
+            manual += (yi.flip(-1) if flip else yi) / 8
+    assert tta.shape == (3, 40, 48)
+    torch.testing.assert_close(tta, manual, rtol=0, atol=1e-5)  # the average of the 8 symmetric predictions
+    out = Upscaler(model, tile=0).upscale_array(arr, outscale=3.0)
+    assert out.shape == (60, 72, 3) and out.dtype == np.uint8
+    tiny = Upscaler(model, tile=0).upscale_array(arr[:3, :2])  # smaller than the model's minimum input
+    assert tiny.shape == (6, 4, 3)
+
+
+def _ramp16(h, w, c, seed=0):
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 65535, w)[None, :, None] * np.linspace(0.2, 1, h)[:, None, None]
+    return np.clip(base + rng.integers(-300, 300, (h, w, c)), 0, 65535).astype(np.uint16)
+
+
+@pytest.mark.parametrize("name,channels", [("rgb16.png", 3), ("rgba16.png", 4), ("grey16.png", 1),
+                                           ("rgb16.tif", 3)])
+def test_16bit_round_trip(model, tmp_path, name, channels):
+    if name.endswith(".tif"):
+        pytest.importorskip("tifffile")
+    elif channels > 1:
+        pytest.importorskip("imageio_ffmpeg")  # decodes 16-bit colour PNGs, which Pillow reduces to 8 bits
+    arr = _ramp16(18, 22, channels)
+    if channels == 4:
+        arr[..., 3] = np.linspace(0, 65535, 22, dtype=np.uint16)[None, :]
+    src, dst = tmp_path / name, tmp_path / ("out_" + name)
+    write_image(arr, src)
+    back, info = read_image(src)
+    np.testing.assert_array_equal(back, arr)  # the writer and reader keep all 16 bits
+    assert info.bits == 16 and info.has_alpha == (channels == 4) and info.grayscale == (channels == 1)
+    up = Upscaler(model, tile=0)
+    upscale_image_file(up, src, dst)
+    out, oinfo = read_image(dst)
+    assert out.dtype == np.uint16 and out.shape == (36, 44, channels) and oinfo.bits == 16
+    np.testing.assert_array_equal(out, up.upscale_array(arr))
+    assert len(np.unique(out[..., 0])) > 256  # not 8-bit values stretched
+
+
+def test_alpha_and_grey_and_metadata(model, tmp_path):
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (16, 20, 4), dtype=np.uint8)
+    rgba[..., 3] = np.linspace(0, 255, 20, dtype=np.uint8)[None, :]
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    up = Upscaler(model, tile=0)
+    upscale_image_file(up, tmp_path / "a.png", tmp_path / "a_out.png")
+    with Image.open(tmp_path / "a_out.png") as im:
+        assert im.mode == "RGBA" and im.size == (40, 32)
+        got = np.asarray(im)
+    alpha_model = up.upscale_array(np.repeat(rgba[..., 3:], 3, axis=2))  # alpha through the network as grey
+    assert np.abs(got[..., 3].astype(int) - alpha_model.mean(2)).max() <= 1
+    bic = Upscaler(model, tile=0, alpha="bicubic").upscale_array(rgba)
+    assert bic.shape == (32, 40, 4)
+    assert np.abs(np.diff(bic[..., 3].astype(int), axis=0)).max() <= 1  # the horizontal ramp, interpolated
+
+    la = np.stack([rgba[..., 0], rgba[..., 3]], axis=2)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    upscale_image_file(up, tmp_path / "la.png", tmp_path / "la_out.png")
+    with Image.open(tmp_path / "la_out.png") as im:
+        assert im.mode == "LA" and im.size == (40, 32)
+
+    # EXIF and ICC profile carried over (JPEG in, JPEG out)
+    from PIL import ImageCms
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x010F] = "rfsr-test-camera"  # Make
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise
+    Image.fromarray(rgba[..., :3], "RGB").save(tmp_path / "m.jpg", exif=exif.tobytes(), icc_profile=icc,
+                                               quality=95)
+    upscale_image_file(up, tmp_path / "m.jpg", tmp_path / "m_out.jpg")
+    with Image.open(tmp_path / "m_out.jpg") as im:
+        assert im.size == (32, 40)  # orientation applied (20×16 stored, rotated)
+        assert im.info.get("icc_profile") == icc
+        ex = im.getexif()
+        assert ex.get(0x010F) == "rfsr-test-camera" and ex.get(0x0112, 1) == 1
+
+
+def test_auto_tile_picks_the_least_wasteful_size(model):
+    up = Upscaler(model, tile="auto", overlap=8)
+    assert up.tile_size() >= 256 and up.count_tiles(70, 90) == 1  # CPU: whole small images
+    up.auto_tile = lambda: 40  # as if free device memory allowed 40-pixel tiles
+    th, tw, ov = up.tile_dims(70, 90)
+    assert th == tw and th % 8 == 0 and 16 <= th <= 40 and ov == 8
+    cost = lambda t: sum(s for _, s in plan_axis(70, t, 8, 8)) * sum(s for _, s in plan_axis(90, t, 8, 8))  # noqa
+    assert cost(th) == min(cost(t) for t in (16, 24, 32, 40))
