@@ -234,9 +234,13 @@ def main(argv=None):
            "dtype": "bfloat16", "ceilings": measure_ceilings(), "rows": []}
     ceil = res["ceilings"]
     print(json.dumps(ceil), flush=True)
-    out_dir = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    out_path = os.path.join(out_dir, "bench_attention.json")
+    if a.out:
+        out_path = os.path.join(a.out, "bench_attention.json")
+    else:  # named after the card and the day, as the committed results are
+        slug = dev.replace("NVIDIA", "").strip().split()[0].lower()
+        out_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                f"bench_attention-{slug}-{res['date'][:10]}.json")
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
 
     for name, D, R, H, W in cases:
         N = W * W

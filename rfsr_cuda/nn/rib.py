@@ -132,7 +132,9 @@ class RIB(nn.Module):
         key = (window, device)
         feats = self._features.get(key)
         if feats is None:
-            feats = self._features[key] = rib_features(window, self.rib_n_freqs).to(device)
+            # a normal tensor even when first built under inference_mode: training may reuse it later
+            with torch.inference_mode(False):
+                feats = self._features[key] = rib_features(window, self.rib_n_freqs).to(device)
         return feats
 
     def _compute_factors(self, window: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -223,3 +223,19 @@ def test_factors_stay_float32_under_autocast():
         bias_q, bias_k = rib.factors()
     assert bias_q.dtype == torch.float32
     torch.testing.assert_close(bias_q.double(), hand_factors(rib)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_first_forward_under_inference_mode_then_training():
+    # the cached window features must not become inference tensors that training cannot save for backward
+    from rfsr_cuda.models import SST
+    model = SST(dim=12, window_sizes=[4, 8], num_heads=[2, 2], ranks=[4, 4], n_blocks=1, rib_hidden_dim=8,
+                rib_n_freqs=2, upscaling_factor=2, upsampler_type="pixelshuffle_direct").eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        before = model(x)
+    model.train()
+    model(x).mean().backward()
+    assert model.body[0][0].attn.to_q.grad is not None and model.body[0][0].attn.to_q.grad.abs().sum() > 0
+    model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), before)
