@@ -61,7 +61,7 @@ PRECISIONS = {
     "fp32": "float32 model without autocast; on CUDA the attention runs in bf16 (rfsr_cuda.nn.attention.op_dtype), "
             "as the official code does for float32 models; on the CPU it stays float32",
 }
-# Official SST numbers (RIB attention; /work/shared/bench/model-anchors-h200-2026-11-27.json, measured on an H200):
+# Official SST numbers (RIB attention, measured on an H200 with the official implementation):
 # x4 inference 180×320 → 720×1280 and one training step on 4 × 96² LR patches. Their precision is the official
 # code's (float32 model, bf16 attention).
 ANCHORS = {
