@@ -85,6 +85,8 @@ def extension():
     nvcc_threads = os.environ.get("NVCC_THREADS")
     if nvcc_threads:
         nvcc.append(f"--threads={nvcc_threads}")
+    # Extra nvcc flags for kernel experiments, e.g. RFSR_NVCC_FLAGS="-DRFSR_BWD_MIN_BLOCKS=3".
+    nvcc += os.environ.get("RFSR_NVCC_FLAGS", "").split()
     # RFSR_WITH_CUDA_BWD: the fused backward binding registers for CUDA (it falls back to the ATen backward for
     # cases no compiled kernel takes), so rfbias_op.cpp leaves its CUDA backward registration out.
     defines = ["RFSR_WITH_CUDA", "RFSR_WITH_CUDA_BWD"]

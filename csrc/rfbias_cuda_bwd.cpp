@@ -25,7 +25,7 @@ namespace rfsr {
 namespace {
 
 // The forward's placement of the softmax scale (rfbias_fold_scale, params.h), so the recomputed scores match the
-// saved lse; the logits are c * X with c = scale_log2 / log2(e), which is the dK / dbias_k multiplier.
+// saved lse; the logits are c * X with c = scale_log2 / log2(e), which is the dbias_k multiplier.
 void fold_scale_bwd(RfbiasBwdParams& p, double scale) {
   constexpr double kLog2e = 1.4426950408889634;
   rfbias_fold_scale(scale, p.q_mult, p.bq_mult, p.scale_log2);
@@ -72,10 +72,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor bias_q = s.R > 0 ? bias_q_in : q, bias_k = s.R > 0 ? bias_k_in : q;
 
+  // Workspace: delta and lse2 (2, B, H, N); the pre-scaled bias_q; factor-gradient partials, one row set per
+  // window (per-window factors) or per chunk of windows (shared factors, see rfbias_bwd_chunking).
+  int chunk_windows = 1, n_chunks = 0;
+  rfbias_bwd_chunking(s.B, s.H, s.N, chunk_windows, n_chunks);
+  const int64_t parts = s.R == 0 ? 0 : (s.bias_batched ? s.B : n_chunks);
   const auto fopts = q.options().dtype(at::kFloat);
-  at::Tensor delta = at::empty({s.B, s.H, s.N}, fopts);
-  at::Tensor dbq_part = at::empty({s.R > 0 ? s.B : 0, s.H, s.N, s.R}, fopts);
-  at::Tensor dbk_part = at::empty({s.R > 0 ? s.B : 0, s.H, s.N, s.R}, fopts);
+  at::Tensor stats = at::empty({2, s.B, s.H, s.N}, fopts);
+  at::Tensor bq_scaled = at::empty({s.R > 0 ? (s.bias_batched ? s.B : 1) : 0, s.H, s.N, s.R}, q.options());
+  at::Tensor dbq_part = at::empty({parts, s.H, s.N, s.R}, fopts);
+  at::Tensor dbk_part = at::empty({parts, s.H, s.N, s.R}, fopts);
 
   RfbiasBwdParams p{};
   p.q = q.data_ptr();
@@ -89,7 +95,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.delta = delta.data_ptr<float>();
+  p.delta = stats[0].data_ptr<float>();
+  p.lse2 = stats[1].data_ptr<float>();
+  p.bq_scaled = bq_scaled.data_ptr();
   p.dbq_part = dbq_part.data_ptr<float>();
   p.dbk_part = dbk_part.data_ptr<float>();
   p.dbq = dbq.data_ptr();
@@ -114,10 +122,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
   p.D = static_cast<int>(s.D);
   p.R = static_cast<int>(s.R);
   p.bias_batched = s.bias_batched;
+  p.chunk_windows = chunk_windows;
+  p.n_chunks = n_chunks;
   fold_scale_bwd(p, scale);
   p.qkv_vec16 = s.D % 8 == 0 && is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16) &&
                 is_aligned(dout, 16);
-  p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_q, 4) && is_aligned(bias_k, 4);
+  p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_k, 4);
+  p.bqs_vec2 = s.R > 0 && s.R % 2 == 0;
 
   const cudaError_t err = kernel->run(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "flash_rfbias_bwd: launching ", kernel->name, " failed: ", cudaGetErrorString(err));

@@ -11,6 +11,8 @@ CASES = [  # B, N, H, D, R, dtype, batched factors
     (3, 70, 2, 30, 18, torch.bfloat16, False),
     (2, 129, 1, 16, 0, torch.float16, False),
     (2, 64, 2, 32, 16, torch.bfloat16, True),
+    (4200, 20, 1, 16, 6, torch.bfloat16, False),  # backward CTAs walk two windows each (shared factors)
+    (4200, 20, 1, 16, 6, torch.float16, True),   # ... and with per-window factors
 ]
 
 

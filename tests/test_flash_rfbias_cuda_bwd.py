@@ -64,7 +64,8 @@ def poison_allocator(nbytes: int) -> None:
 
 
 def run_bwd(do, q, k, v, bq, bk, out, lse, scale):
-    poison_allocator(8 * q.numel() * q.element_size() + 2 * q.shape[0] * bq.numel() * 4)
+    # about the size of the outputs and workspace, capped (large per-window factor shapes)
+    poison_allocator(min(8 * q.numel() * q.element_size() + 8 * bq.numel() * 4, 1 << 31))
     return torch.ops.rfsr.flash_rfbias_bwd(do, q, k, v, bq, bk, out, lse, scale)
 
 
@@ -107,6 +108,28 @@ def test_many_windows_shared_factors():
     check(*make_inputs(512, 64, 3, 32, 16, torch.bfloat16, False, seed=1))
 
 
+def chunk_windows(B: int, N: int, H: int) -> int:
+    """Windows one CTA walks (mirror of rfbias_bwd_chunking, csrc/rfbias/params_bwd.h): more than one only when a
+    CTA per (64-row block, head, window) would exceed about 4096 CTAs."""
+    per_chunk = -(-N // 64) * H
+    want = min(max(-(-4096 // per_chunk), 1), B)
+    return -(-B // want)
+
+
+# Shapes whose CTAs walk several windows: shared-factor gradients summed in registers across windows, per-window
+# ones written per window, the ring of tiles and the two stationary slots carried from one window to the next
+# (a single tile per window for N = 16, partial last tiles for N = 100 and 70, an odd rank for R = 5).
+CHUNKED = [(4500, 16, 1, 16, 8, torch.bfloat16, None), (3000, 100, 2, 30, 18, torch.bfloat16, None),
+           (2100, 70, 2, 32, 5, torch.float16, None), (3000, 100, 2, 30, 18, torch.bfloat16, -0.5)]
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["shared", "per_batch"])
+@pytest.mark.parametrize("B,N,H,D,R,dtype,scale", CHUNKED, ids=["n16", "n100", "n70_odd_rank", "n100_neg_scale"])
+def test_windows_chunked_per_cta(B, N, H, D, R, dtype, scale, batched):
+    assert chunk_windows(B, N, H) > 1
+    check(*make_inputs(B, N, H, D, R, dtype, batched, seed=B + N + R), scale=scale)
+
+
 def test_few_huge_windows():
     check(*make_inputs(1, 4096, 2, 30, 34, torch.bfloat16, False, seed=2))
 
@@ -119,8 +142,9 @@ def test_scales(scale):
     check(q, k, v, bq, bk, do, scale=scale)
 
 
-def test_deterministic():
-    q, k, v, bq, bk, do = make_inputs(64, 256, 3, 30, 18, torch.bfloat16, False, seed=4)
+@pytest.mark.parametrize("B,N,H", [(64, 256, 3), (3000, 100, 2)], ids=["window_per_cta", "chunked"])
+def test_deterministic(B, N, H):
+    q, k, v, bq, bk, do = make_inputs(B, N, H, 30, 18, torch.bfloat16, False, seed=4)
     scale = 30 ** -0.5
     out, lse, _ = reference(q, k, v, bq, bk, do, scale)
     first = torch.ops.rfsr.flash_rfbias_bwd(do, q, k, v, bq, bk, out, lse, scale)

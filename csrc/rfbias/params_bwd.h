@@ -30,8 +30,13 @@ struct RfbiasBwdParams {
   void* dk;
   void* dv;
 
-  // Workspace (fp32, contiguous): delta (B, H, N); per-window factor gradients (B, H, N, R).
+  // Workspace, contiguous. delta and lse2 = lse * log2(e): fp32 (B, H, N), written by the first launch.
+  // bq_scaled = bias_q * bq_mult rounded once to the input dtype, exactly the forward's staged factor:
+  // (H, N, R), or (B, H, N, R) for per-window factors. Factor-gradient partials: fp32 (P, H, N, R) with P = B for
+  // per-window factors and P = n_chunks for shared ones (see rfbias_bwd_chunking).
   float* delta;
+  float* lse2;
+  void* bq_scaled;
   float* dbq_part;
   float* dbk_part;
   // Final factor gradients in the input dtype, contiguous (H, N, R) or (B, H, N, R).
@@ -48,20 +53,44 @@ struct RfbiasBwdParams {
 
   int B, N, H, D, R;
   bool bias_batched;
+  int chunk_windows;  // windows walked by one CTA of the main kernels (rfbias_bwd_chunking)
+  int n_chunks;
 
-  // Scale folding, identical to the forward's (rfbias_fold_scale in params.h): the kernels stage [q * q_mult | bias_q * bq_mult] and
-  // [k | bias_k], form X = Qcat . Kcat^T in fp32 and use P = exp2(X * scale_log2 - lse * log2(e)).
-  // Logits are L = c * X with c = scale_log2 / log2(e), hence
-  //   dq = scale * (dS Kcat)[:, :D],  dbias_q = (dS Kcat)[:, D:],  (dk | dbias_k) = c * dS^T Qcat.
+  // Scale folding, identical to the forward's (rfbias_fold_scale in params.h): with Qs = [q * q_mult | bq_scaled]
+  // and Kc = [k | bias_k], X = Qs . Kc^T in fp32, P = exp2(X * scale_log2 - lse2), and the logits are L = c * X
+  // with c = scale_log2 / log2(e) (c * q_mult == scale, c * bq_mult == 1). Hence
+  //   dq = scale * dS k,  dbias_q = dS bias_k,  dk = scale * dS^T q,  dbias_k = c * dS^T bq_scaled.
   float q_mult;
   float bq_mult;
   float scale_log2;
   float scale;   // softmax scale (dq multiplier)
-  float c_mult;  // scale_log2 / log2(e) (dk and dbias_k multiplier)
+  float c_mult;  // scale_log2 / log2(e) (dbias_k multiplier)
 
   // Runtime load-path choice: 16-byte loads of q, k, v, dO rows (D % 8 == 0 and 16-byte aligned rows).
   bool qkv_vec16;
-  bool bias_vec2;  // factor rows 4-byte aligned and R even
+  bool bias_vec2;  // bias_k rows 4-byte aligned and R even
+  bool bqs_vec2;   // R even (bq_scaled is contiguous)
 };
+
+// Rows owned by one CTA of the main backward kernels (keys in the dK/dV kernel, queries in the dQ kernel).
+constexpr int kRfbiasBwdBlock = 64;
+
+// Each CTA of the main kernels walks `chunk_windows` consecutive windows of one (row block, head), so the shared
+// factors' gradient is summed over those windows in registers and only n_chunks partial rows per factor row reach
+// memory (then a fixed-order sum). The split depends on the shapes alone, so results are the same on every run:
+// enough chunks for about 4096 CTAs, no more than B.
+inline void rfbias_bwd_chunking(int64_t B, int64_t H, int64_t N, int& chunk_windows, int& n_chunks) {
+  if (B <= 0 || H <= 0 || N <= 0) {
+    chunk_windows = 1;
+    n_chunks = 0;
+    return;
+  }
+  const int64_t ctas_per_chunk = (N + kRfbiasBwdBlock - 1) / kRfbiasBwdBlock * H;
+  int64_t want = (4096 + ctas_per_chunk - 1) / ctas_per_chunk;
+  want = want < 1 ? 1 : (want > B ? B : want);
+  const int64_t per = (B + want - 1) / want;
+  chunk_windows = static_cast<int>(per);
+  n_chunks = static_cast<int>((B + per - 1) / per);
+}
 
 }  // namespace rfsr

@@ -1,24 +1,27 @@
 // sm80 (mma.sync m16n8k16) backward kernels of flash_rfbias. Deterministic: no atomics anywhere.
 //
-// Four launches per call (see launch_bwd.h):
-//   1. bwd_delta_kernel      delta[b, h, n] = rowsum(dO o out) in fp32.
-//   2. bwd_dkdv_kernel       key-stationary: one CTA per (key block, b, h) walks every query block and keeps
-//                            dV and dKcat = [dK | dbias_k] in registers; writes dk, dv and the per-window
-//                            dbias_k rows (fp32 workspace) with plain stores, one writer per element.
-//   3. bwd_dq_kernel         query-stationary: one CTA per (query block, b, h) walks every key block and keeps
-//                            dQcat = [dQ | dbias_q] in registers; writes dq and the per-window dbias_q rows.
-//   4. bwd_reduce_kernel     dbias = sum over b of the per-window rows (shared factors), in increasing b, or a
-//                            plain conversion (per-window factors); fp32 -> input dtype.
+// Five launches per call (see launch_bwd.h):
+//   1. bwd_prep_kernel           delta = rowsum(dO o out) and lse2 = lse * log2(e), fp32 (B, H, N).
+//   2. bwd_scale_factors_kernel  bq_scaled = bias_q * bq_mult, rounded once like the forward's staging.
+//   3. bwd_dkdv_kernel           key-stationary: dK, dV and dbias_k.
+//   4. bwd_dq_kernel             query-stationary: dQ and dbias_q.
+//   5. bwd_reduce_kernel         factor gradients: fixed-order sum of the per-chunk partials (shared factors) or a
+//                                conversion of the per-window rows (per-window factors), fp32 -> input dtype.
 //
-// Kernels 2 and 3 both recompute the scores. Kernel 2 works on the transposed problem so that every operand of
-// its second-stage GEMMs is either a register accumulator (P^T, dS^T) or a transposed shared-memory read:
-//   S^T  = Kcat . Qcat^T        (keys x queries)        P^T  = exp2(S^T * scale_log2 - lse2[query])
-//   dP^T = V . dO^T                                      dS^T = P^T o (dP^T - delta[query])
-//   dV  += P^T . dO              dKcat += dS^T . Qcat
-// Kernel 3 is the forward orientation:
-//   S = Qcat . Kcat^T, dP = dO . V^T, dS = P o (dP - delta), dQcat += dS . Kcat.
-// Packed rows are staged exactly as in the forward: [q * q_mult | bias_q * bq_mult | 0] and [k | bias_k | 0];
-// padding columns and rows past N are zero.
+// Kernels 3 and 4 share one structure. A CTA owns kBlockOuter rows of one head and walks `chunk_windows`
+// consecutive windows; per window it streams the other side in kBlockInner-row tiles, last (partial) tile first,
+// through a kStages-deep cp.async ring. The window's stationary tile is copied with the window's first inner tile
+// (two stationary slots alternate), and its MMA A-operand fragments are loaded into registers once per window.
+// Shared-factor gradients stay in the accumulator columns [D, D + R) across the windows of a chunk and are written
+// once per chunk; the q/k/v gradient columns are written and cleared after every window.
+//
+// Kernel 3 works on the transposed problem so that every operand of its second-stage GEMMs is a register
+// accumulator (P^T, dS^T) or a transposed shared-memory read:
+//   S^T  = Kc . Qs^T,  P^T = exp2(S^T * scale_log2 - lse2[query]),  dP^T = V . dO^T,  dS^T = P^T o (dP^T - delta)
+//   dV  += P^T . dO,   [dK | dbias_k] += dS^T . Qs
+// Kernel 4 is the forward orientation: S = Qs . Kc^T, dP = dO . V^T, dS = P o (dP - delta), [dQ | dbias_q] += dS . Kc.
+// Qs = [q * q_mult | bq_scaled | 0], Kc = [k | bias_k | 0] (params_bwd.h). q_mult (1 for usual scales) is applied
+// to the stationary tile's q columns (to K's in kernel 3: exact for the power-of-two q_mult of positive scales).
 #pragma once
 
 #include <cmath>
@@ -26,12 +29,19 @@
 
 #include "../params_bwd.h"
 #include "../common/utils.h"
+#include "copy.h"
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/atom/copy_atom.hpp>
 #include <cutlass/numeric_types.h>
 #include <cutlass/numeric_conversion.h>
+
+// CTAs per SM the register budget of the narrow buckets aims for (a switch for experiments). Measured on an H200
+// (bf16, SST shapes): 3 (<= 168 registers, no spills) gives fwd+bwd 7-17% faster than 2 (about 224 registers).
+#ifndef RFSR_BWD_MIN_BLOCKS
+#define RFSR_BWD_MIN_BLOCKS 3
+#endif
 
 namespace rfsr {
 namespace sm80 {
@@ -43,10 +53,14 @@ struct BwdTraitsSm80 {
   static constexpr int kDv = kDv_;
   static constexpr int kNWarps = 4;
   static constexpr int kNThreads = 32 * kNWarps;
+  // Wide buckets: smaller inner tiles, two stages, stationary fragments re-read from shared memory (registers).
   static constexpr bool kWide = kDqk + kDv > 192;
-  // Outer (stationary) tiles own 16 rows per warp; inner tiles are smaller for wide buckets (register budget).
-  static constexpr int kBlockOuter = 16 * kNWarps;  // keys in the dK/dV kernel, queries in the dQ kernel
+  static constexpr int kBlockOuter = 16 * kNWarps;  // each warp owns 16 stationary rows
+  static_assert(kBlockOuter == kRfbiasBwdBlock, "the host-side chunking assumes this block");
   static constexpr int kBlockInner = kWide ? 32 : 64;
+  static constexpr int kStages = kWide ? 2 : 3;
+  static constexpr bool kARegs = !kWide;
+  static constexpr int kMinBlocks = kWide ? 1 : RFSR_BWD_MIN_BLOCKS;
 
   static_assert(kDqk % 16 == 0 && kDv % 16 == 0 && kDv <= kDqk, "bad head-dim bucket");
 
@@ -75,133 +89,32 @@ struct BwdTraitsSm80 {
   using RowsVt = cute::Layout<cute::Shape<cute::Int<kDv>, cute::Int<kRows>>,
                               cute::Stride<cute::_1, cute::Int<kVStride>>>;
 
-  // Shared memory (elements of Element): outer QK + outer V + inner QK + inner V tiles, then 2 float rows.
-  static constexpr int kSmemOuterQK = kBlockOuter * kQKStride;
-  static constexpr int kSmemOuterV = kBlockOuter * kVStride;
-  static constexpr int kSmemInnerQK = kBlockInner * kQKStride;
-  static constexpr int kSmemInnerV = kBlockInner * kVStride;
-  static constexpr int kSmemElems = kSmemOuterQK + kSmemOuterV + kSmemInnerQK + kSmemInnerV;
-  static_assert(kSmemElems % 8 == 0, "tiles must keep 16-byte alignment");
-  static constexpr int kSmemBytes = kSmemElems * int(sizeof(Element)) + 2 * kBlockInner * int(sizeof(float));
+  // A slot (elements of Element): QK rows, V rows, then two fp32 rows of per-row statistics (lse2, delta).
+  template <int kRows>
+  static constexpr int slot_elems() {
+    return kRows * (kQKStride + kVStride) + 2 * kRows * int(sizeof(float) / sizeof(Element));
+  }
+  static constexpr int kOuterSlot = slot_elems<kBlockOuter>();
+  static constexpr int kInnerSlot = slot_elems<kBlockInner>();
+  static_assert(kOuterSlot % 8 == 0 && kInnerSlot % 8 == 0, "slots must keep 16-byte alignment");
+  static constexpr int kSmemBytes = (2 * kOuterSlot + kStages * kInnerSlot) * int(sizeof(Element));
 };
 
-// ---------------------------------------------------------------------------------------------------------------
-// Synchronous staging loads (global -> registers -> shared). Rows at or past valid_rows are written as zero.
-
-// Columns [0, D) of kRows rows; D <= kWidth, D even. Optionally multiplied by `mult` (rounded once).
-template <typename Element, int kThreads, int kRows, int kSStride, int kWidth>
-__device__ __forceinline__ void stage_rows(Element* s, const Element* g, int64_t g_row_stride, int valid_rows,
-                                           int D, bool vec16, float mult, int tidx) {
-  const bool scaled = mult != 1.0f;
-  if (vec16) {
-    constexpr int kChunks = kWidth / 8;
-    for (int i = tidx; i < kRows * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = (i - r * kChunks) * 8;
-      if (c < D) {
-        uint4 w = make_uint4(0, 0, 0, 0);
-        if (r < valid_rows) {
-          w = *reinterpret_cast<const uint4*>(g + r * g_row_stride + c);
-          if (scaled) {
-            w.x = dev::Pack2<Element>::scale(w.x, mult);
-            w.y = dev::Pack2<Element>::scale(w.y, mult);
-            w.z = dev::Pack2<Element>::scale(w.z, mult);
-            w.w = dev::Pack2<Element>::scale(w.w, mult);
-          }
-        }
-        *reinterpret_cast<uint4*>(s + r * kSStride + c) = w;
-      }
-    }
-  } else {
-    constexpr int kWords = kWidth / 2;
-    for (int i = tidx; i < kRows * kWords; i += kThreads) {
-      const int r = i / kWords, c = (i - r * kWords) * 2;
-      if (c < D) {
-        uint32_t w = 0;
-        if (r < valid_rows) {
-          w = *reinterpret_cast<const uint32_t*>(g + r * g_row_stride + c);
-          if (scaled) w = dev::Pack2<Element>::scale(w, mult);
-        }
-        *reinterpret_cast<uint32_t*>(s + r * kSStride + c) = w;
-      }
-    }
+// Views of one slot.
+template <class Traits, int kRows>
+struct Slot {
+  using Element = typename Traits::Element;
+  Element* qk;
+  Element* v;
+  float* lse2;
+  float* delta;
+  __device__ __forceinline__ explicit Slot(Element* base) {
+    qk = base;
+    v = base + kRows * Traits::kQKStride;
+    lse2 = reinterpret_cast<float*>(v + kRows * Traits::kVStride);
+    delta = lse2 + kRows;
   }
-}
-
-// Factor rows (R elements) into columns [col0, col0 + R), multiplied by `mult` when it is not 1.
-template <typename Element, int kThreads, int kRows, int kSStride>
-__device__ __forceinline__ void stage_factor_rows(Element* s, int col0, const Element* g, int64_t g_row_stride,
-                                                  int valid_rows, int R, bool vec2, float mult, int tidx) {
-  if (R <= 0) return;
-  const bool scaled = mult != 1.0f;
-  if (vec2) {
-    const int words = R >> 1;
-    for (int i = tidx; i < kRows * words; i += kThreads) {
-      const int r = i / words, c = (i - r * words) * 2;
-      uint32_t w = 0;
-      if (r < valid_rows) {
-        w = *reinterpret_cast<const uint32_t*>(g + r * g_row_stride + c);
-        if (scaled) w = dev::Pack2<Element>::scale(w, mult);
-      }
-      *reinterpret_cast<uint32_t*>(s + r * kSStride + col0 + c) = w;
-    }
-  } else {
-    for (int i = tidx; i < kRows * R; i += kThreads) {
-      const int r = i / R, c = i - r * R;
-      uint16_t w = 0;
-      if (r < valid_rows) {
-        w = *reinterpret_cast<const uint16_t*>(g + r * g_row_stride + c);
-        if (scaled) w = dev::Pack2<Element>::scale1(w, mult);
-      }
-      *reinterpret_cast<uint16_t*>(s + r * kSStride + col0 + c) = w;
-    }
-  }
-}
-
-template <class Traits, int kRows>
-__device__ __forceinline__ void stage_qcat(typename Traits::Element* s, const RfbiasBwdParams& p, int b, int h,
-                                           int row0, int tidx) {
-  using Element = typename Traits::Element;
-  const int valid = min(kRows, p.N - row0);
-  const Element* gq = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                      int64_t(row0) * p.q_row_stride;
-  stage_rows<Element, Traits::kNThreads, kRows, Traits::kQKStride, Traits::kDv>(
-      s, gq, p.q_row_stride, valid, p.D, p.qkv_vec16, p.q_mult, tidx);
-  const Element* gb = static_cast<const Element*>(p.bias_q) + b * p.bq_batch_stride + h * p.bq_head_stride +
-                      int64_t(row0) * p.bq_row_stride;
-  stage_factor_rows<Element, Traits::kNThreads, kRows, Traits::kQKStride>(s, p.D, gb, p.bq_row_stride, valid, p.R,
-                                                                          p.bias_vec2, p.bq_mult, tidx);
-}
-
-template <class Traits, int kRows>
-__device__ __forceinline__ void stage_kcat(typename Traits::Element* s, const RfbiasBwdParams& p, int b, int h,
-                                           int row0, int tidx) {
-  using Element = typename Traits::Element;
-  const int valid = min(kRows, p.N - row0);
-  const Element* gk = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride +
-                      int64_t(row0) * p.k_row_stride;
-  stage_rows<Element, Traits::kNThreads, kRows, Traits::kQKStride, Traits::kDv>(
-      s, gk, p.k_row_stride, valid, p.D, p.qkv_vec16, 1.0f, tidx);
-  const Element* gb = static_cast<const Element*>(p.bias_k) + b * p.bk_batch_stride + h * p.bk_head_stride +
-                      int64_t(row0) * p.bk_row_stride;
-  stage_factor_rows<Element, Traits::kNThreads, kRows, Traits::kQKStride>(s, p.D, gb, p.bk_row_stride, valid, p.R,
-                                                                          p.bias_vec2, 1.0f, tidx);
-}
-
-template <class Traits, int kRows>
-__device__ __forceinline__ void stage_v_rows(typename Traits::Element* s, const void* base, int64_t batch_stride,
-                                             int64_t head_stride, int64_t row_stride, const RfbiasBwdParams& p,
-                                             int b, int h, int row0, int tidx) {
-  using Element = typename Traits::Element;
-  const int valid = min(kRows, p.N - row0);
-  const Element* g = static_cast<const Element*>(base) + b * batch_stride + h * head_stride +
-                     int64_t(row0) * row_stride;
-  stage_rows<Element, Traits::kNThreads, kRows, Traits::kVStride, Traits::kDv>(s, g, row_stride, valid, p.D,
-                                                                               p.qkv_vec16, 1.0f, tidx);
-}
-
-__device__ __forceinline__ void zero_smem(uint4* smem, int bytes, int tidx, int nthreads) {
-  for (int i = tidx; i < bytes / 16; i += nthreads) smem[i] = make_uint4(0, 0, 0, 0);
-}
+};
 
 // Stores a pair of fp32 values as two adjacent elements (4-byte aligned since D and col are even).
 template <typename Element>
@@ -213,11 +126,54 @@ __device__ __forceinline__ void store_pair(Element* dst, float a, float b) {
   *reinterpret_cast<cutlass::Array<Element, 2>*>(dst) = conv(f);
 }
 
+// Asynchronous copy of kRows rows of a (B, N, H, D)-strided tensor into columns [0, D) of a slot part.
+template <class Traits, int kRows, int kSStride, int kWidth>
+__device__ __forceinline__ void copy_rows(typename Traits::Element* s, const typename Traits::Element* g,
+                                          int64_t row_stride, int valid, int D, bool vec16, int tidx) {
+  if (vec16) {
+    copy_tile_async<RowCopyPlan<Traits, kRows, kWidth, 8>, 8, kSStride, true>(
+        RowCopyPlan<Traits, kRows, kWidth, 8>(tidx, D), s, g, row_stride, valid);
+  } else {
+    copy_tile_async<RowCopyPlan<Traits, kRows, kWidth, 2>, 2, kSStride, true>(
+        RowCopyPlan<Traits, kRows, kWidth, 2>(tidx, D), s, g, row_stride, valid);
+  }
+}
+
+// Per-row fp32 statistics (lse2 and delta of rows row0 ..) into a slot; rows past N are zero-filled.
+template <int kRows, int kNThreads>
+__device__ __forceinline__ void copy_stats(float* s_lse2, float* s_delta, const float* g_lse2, const float* g_delta,
+                                           int valid, int tidx) {
+  for (int i = tidx; i < 2 * kRows; i += kNThreads) {
+    const int r = i < kRows ? i : i - kRows;
+    const bool ok = r < valid;
+    const float* g = i < kRows ? g_lse2 : g_delta;
+    float* s = i < kRows ? s_lse2 : s_delta;
+    dev::cp_async_4(s + r, ok ? g + r : g, ok);
+  }
+}
+
+// Multiplies the q columns [0, D) of this warp's 16 rows of a stationary tile by q_mult, in place (rounded once,
+// as the forward does). Only this warp reads those rows (A operand, warps tile the rows), so after the CTA barrier
+// that published the copies a warp barrier suffices.
+template <class Traits>
+__device__ __forceinline__ void scale_warp_rows(typename Traits::Element* qk, int D, float q_mult, int tidx) {
+  using Element = typename Traits::Element;
+  const int warp = tidx / 32, lane = tidx % 32;
+  const int words = D / 2;
+  for (int i = lane; i < 16 * words; i += 32) {
+    const int r = warp * 16 + i / words, c = (i % words) * 2;
+    uint32_t* w = reinterpret_cast<uint32_t*>(qk + r * Traits::kQKStride + c);
+    *w = dev::Pack2<Element>::scale(*w, q_mult);
+  }
+  __syncwarp();
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// 1. delta = rowsum(dO o out), fp32, one thread per (b, h, n) row.
+// 1. delta = rowsum(dO o out) and lse2 = lse * log2(e), fp32, one thread per (b, h, n) row.
 
 template <typename Element>
-__global__ void bwd_delta_kernel(const RfbiasBwdParams p) {
+__global__ void bwd_prep_kernel(const RfbiasBwdParams p) {
+  constexpr float kLog2e = 1.4426950408889634f;
   const int64_t rows = int64_t(p.B) * p.H * p.N;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows; i += int64_t(gridDim.x) * blockDim.x) {
     const int n = int(i % p.N);
@@ -236,14 +192,122 @@ __global__ void bwd_delta_kernel(const RfbiasBwdParams p) {
       acc += float(ov[1]) * float(dv[1]);
     }
     p.delta[i] = acc;
+    p.lse2[i] = p.lse[i] * kLog2e;
+  }
+}
+
+// 2. bq_scaled (contiguous) = bias_q * bq_mult with the forward's rounding (dev::Pack2::scale1).
+template <typename Element>
+__global__ void bwd_scale_factors_kernel(const RfbiasBwdParams p) {
+  const int64_t per_window = int64_t(p.H) * p.N * p.R;
+  const int64_t total = p.bias_batched ? per_window * p.B : per_window;
+  const Element* src = static_cast<const Element*>(p.bias_q);
+  uint16_t* dst = static_cast<uint16_t*>(p.bq_scaled);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int r = int(i % p.R);
+    const int64_t row = i / p.R;
+    const int n = int(row % p.N);
+    const int64_t bh = row / p.N;
+    const int h = int(bh % p.H);
+    const int b = int(bh / p.H);
+    const uint16_t w = *reinterpret_cast<const uint16_t*>(src + b * p.bq_batch_stride + h * p.bq_head_stride +
+                                                          int64_t(n) * p.bq_row_stride + r);
+    dst[i] = p.bq_mult == 1.0f ? w : dev::Pack2<Element>::scale1(w, p.bq_mult);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// 2. dK, dV, per-window dbias_k: key-stationary.
+// Shared pieces of kernels 3 and 4.
+
+// Decodes a CTA: consecutive CTAs are the row blocks of one (chunk, head), so a window's tiles are re-read from L2.
+struct BwdCta {
+  int block, h, b_begin, b_end;
+  __device__ __forceinline__ BwdCta(const RfbiasBwdParams& p, int n_blocks) {
+    const int64_t bid = blockIdx.x;
+    block = int(bid % n_blocks);
+    const int64_t rest = bid / n_blocks;
+    const int chunk = int(rest % p.n_chunks);
+    h = int(rest / p.n_chunks);
+    b_begin = chunk * p.chunk_windows;
+    b_end = min(p.B, b_begin + p.chunk_windows);
+  }
+};
+
+// Clears the whole dynamic shared memory once: pad columns stay zero for the CTA's lifetime.
+template <int kBytes, int kNThreads>
+__device__ __forceinline__ void clear_smem(uint4* smem, int tidx) {
+  static_assert(kBytes % 16 == 0, "");
+  for (int i = tidx; i < kBytes / 16; i += kNThreads) smem[i] = make_uint4(0, 0, 0, 0);
+}
+
+// Ring-prefetch distance: up to kStages - 1 tiles ahead, but never so far ahead that the stationary slot of the
+// window after next (two slots alternate) is written while this window's fragments are still being read.
+template <int kStages>
+__device__ __forceinline__ int prefetch_distance(int inner_blocks) {
+  return min(kStages - 1, 2 * inner_blocks - 1);
+}
+
+template <int kStages>
+__device__ __forceinline__ void wait_ring(int dist) {
+  if (kStages > 2 && dist >= 2) {
+    dev::cp_async_wait<(kStages > 2 ? 1 : 0)>();
+  } else {
+    dev::cp_async_wait<0>();
+  }
+}
+
+// Factor-gradient rows of an accumulator: columns [D, D + R) of rows row0.. < N, times mult, into part (N, R).
+template <class Tensor, class Coord>
+__device__ __forceinline__ void store_factor_rows(Tensor const& acc_rc, Coord const& c_rc, float* part, int row0,
+                                                  int N, int D, int R, float mult) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(acc_rc); ++mi) {
+    const int row = row0 + int(get<0>(c_rc(mi, 0)));
+    if (row >= N) continue;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(acc_rc); ++ni) {
+      const int r = int(get<1>(c_rc(mi, ni))) - D;
+      if (r >= 0 && r < R) part[int64_t(row) * R + r] = acc_rc(mi, ni) * mult;
+    }
+  }
+}
+
+// Element columns [D, D + R) (factor part) cleared when `factor` is true, columns [0, D) otherwise.
+template <class Tensor, class Coord>
+__device__ __forceinline__ void clear_columns(Tensor& acc_rc, Coord const& c_rc, int D, bool factor) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(acc_rc); ++mi) {
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(acc_rc); ++ni) {
+      if ((int(get<1>(c_rc(mi, ni))) >= D) == factor) acc_rc(mi, ni) = 0.f;
+    }
+  }
+}
+
+// Element columns [0, D) of an accumulator, times mult, into rows of a (B, N, H, D)-contiguous gradient.
+template <typename Element, class Tensor, class Coord>
+__device__ __forceinline__ void store_rows(Tensor const& acc_rc, Coord const& c_rc, Element* base,
+                                           int64_t row_stride, int row0, int N, int D, float mult) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(acc_rc); ++mi) {
+    const int row = row0 + int(get<0>(c_rc(mi, 0)));
+    if (row >= N) continue;
+    CUTE_UNROLL
+    for (int nj = 0; nj < size<1>(acc_rc) / 2; ++nj) {
+      const int col = int(get<1>(c_rc(mi, 2 * nj)));
+      if (col < D) store_pair(base + row * row_stride + col, acc_rc(mi, 2 * nj) * mult, acc_rc(mi, 2 * nj + 1) * mult);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 3. dK, dV, dbias_k: key-stationary.
 
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(const RfbiasBwdParams p) {
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkdv_kernel(const RfbiasBwdParams p) {
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockN = Traits::kBlockOuter;  // keys owned by the CTA
@@ -251,299 +315,402 @@ __global__ void __launch_bounds__(Traits::kNThreads) bwd_dkdv_kernel(const Rfbia
   constexpr int kDqk = Traits::kDqk;
   constexpr int kDv = Traits::kDv;
   constexpr int kNThreads = Traits::kNThreads;
-  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kQKStride = Traits::kQKStride;
+  constexpr int kVStride = Traits::kVStride;
 
   extern __shared__ uint4 smem_raw[];
-  Element* sK_ptr = reinterpret_cast<Element*>(smem_raw);
-  Element* sV_ptr = sK_ptr + Traits::kSmemOuterQK;
-  Element* sQ_ptr = sV_ptr + Traits::kSmemOuterV;
-  Element* sdO_ptr = sQ_ptr + Traits::kSmemInnerQK;
-  float* sLse = reinterpret_cast<float*>(sdO_ptr + Traits::kSmemInnerV);
-  float* sDelta = sLse + kBlockM;
+  Element* outer_base = reinterpret_cast<Element*>(smem_raw);
+  Element* inner_base = outer_base + 2 * Traits::kOuterSlot;
 
   const int tidx = threadIdx.x;
-  const int N = p.N, D = p.D, R = p.R;
+  const int N = p.N, D = p.D, R = p.R, H = p.H;
   const int n_blocks = (N + kBlockN - 1) / kBlockN;
-  const int64_t bid = blockIdx.x;
-  const int n_block = int(bid % n_blocks);
-  const int64_t hb = bid / n_blocks;
-  const int b = int(hb % p.B);
-  const int h = int(hb / p.B);
-  const int n0 = n_block * kBlockN;
+  const int m_blocks = (N + kBlockM - 1) / kBlockM;
+  const BwdCta cta(p, n_blocks);
+  const int h = cta.h;
+  const int n0 = cta.block * kBlockN;
+  const int n_valid = min(kBlockN, N - n0);
+  const int steps = (cta.b_end - cta.b_begin) * m_blocks;
+  const int dist = prefetch_distance<kStages>(m_blocks);
+  const bool vec16 = p.qkv_vec16;
 
-  zero_smem(smem_raw, Traits::kSmemBytes, tidx, kNThreads);
+  clear_smem<Traits::kSmemBytes, kNThreads>(smem_raw, tidx);
   __syncthreads();
-  stage_kcat<Traits, kBlockN>(sK_ptr, p, b, h, n0, tidx);
-  stage_v_rows<Traits, kBlockN>(sV_ptr, p.v, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p, b, h, n0, tidx);
+
+  const FactorCopyPlan plan_bk(tidx, kNThreads, R, p.bias_vec2);
+  const FactorCopyPlan plan_bq(tidx, kNThreads, R, p.bqs_vec2);
+  const Element* bqs_head = static_cast<const Element*>(p.bq_scaled) + int64_t(h) * N * R;
+  const int64_t bqs_batch = p.bias_batched ? int64_t(H) * N * R : 0;
+
+  // Step s = (window w, query tile j); tiles are walked from the last (partial) one.
+  auto load_step = [&](int s) {
+    const int w = s / m_blocks;
+    const int j = s - w * m_blocks;
+    const int b = cta.b_begin + w;
+    if (j == 0) {  // the window's stationary tile: [k | bias_k] and v rows of this key block
+      Slot<Traits, kBlockN> o(outer_base + (w & 1) * Traits::kOuterSlot);
+      const Element* gk = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride +
+                          int64_t(n0) * p.k_row_stride;
+      const Element* gv = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride +
+                          int64_t(n0) * p.v_row_stride;
+      copy_rows<Traits, kBlockN, kQKStride, kDv>(o.qk, gk, p.k_row_stride, n_valid, D, vec16, tidx);
+      copy_rows<Traits, kBlockN, kVStride, kDv>(o.v, gv, p.v_row_stride, n_valid, D, vec16, tidx);
+      if (R > 0) {
+        const Element* gbk = static_cast<const Element*>(p.bias_k) + b * p.bk_batch_stride + h * p.bk_head_stride +
+                             int64_t(n0) * p.bk_row_stride;
+        copy_factor_rows<kBlockN, kQKStride, true>(plan_bk, o.qk, D, gbk, p.bk_row_stride, n_valid, p.bias_vec2);
+      }
+    }
+    const int m0 = (m_blocks - 1 - j) * kBlockM;
+    const int valid = min(kBlockM, N - m0);
+    Slot<Traits, kBlockM> in(inner_base + (s % kStages) * Traits::kInnerSlot);
+    const Element* gq = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                        int64_t(m0) * p.q_row_stride;
+    const Element* gdo = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                         int64_t(m0) * p.do_row_stride;
+    copy_rows<Traits, kBlockM, kQKStride, kDv>(in.qk, gq, p.q_row_stride, valid, D, vec16, tidx);
+    copy_rows<Traits, kBlockM, kVStride, kDv>(in.v, gdo, p.do_row_stride, valid, D, vec16, tidx);
+    if (R > 0) {
+      copy_factor_rows<kBlockM, kQKStride, true>(plan_bq, in.qk, D, bqs_head + b * bqs_batch + int64_t(m0) * R, R,
+                                                 valid, p.bqs_vec2);
+    }
+    const int64_t stat0 = (int64_t(b) * H + h) * N + m0;
+    copy_stats<kBlockM, kNThreads>(in.lse2, in.delta, p.lse2 + stat0, p.delta + stat0, valid, tidx);
+  };
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tidx);
-  Tensor sK = make_tensor(make_smem_ptr(sK_ptr), typename Traits::template RowsQK<kBlockN>{});
-  Tensor sV = make_tensor(make_smem_ptr(sV_ptr), typename Traits::template RowsV<kBlockN>{});
-  Tensor sQ = make_tensor(make_smem_ptr(sQ_ptr), typename Traits::template RowsQK<kBlockM>{});
-  Tensor sQt = make_tensor(make_smem_ptr(sQ_ptr), typename Traits::template RowsQKt<kBlockM>{});
-  Tensor sdO = make_tensor(make_smem_ptr(sdO_ptr), typename Traits::template RowsV<kBlockM>{});
-  Tensor sdOt = make_tensor(make_smem_ptr(sdO_ptr), typename Traits::template RowsVt<kBlockM>{});
+  using LayoutKo = typename Traits::template RowsQK<kBlockN>;
+  using LayoutVo = typename Traits::template RowsV<kBlockN>;
+  using LayoutQ = typename Traits::template RowsQK<kBlockM>;
+  using LayoutQt = typename Traits::template RowsQKt<kBlockM>;
+  using LayoutdO = typename Traits::template RowsV<kBlockM>;
+  using LayoutdOt = typename Traits::template RowsVt<kBlockM>;
 
-  Tensor tSrK = thr_mma.partition_fragment_A(sK);     // S^T  A: keys x Dqk
-  Tensor tSrQ = thr_mma.partition_fragment_B(sQ);     // S^T  B: queries x Dqk
-  Tensor tPrV = thr_mma.partition_fragment_A(sV);     // dP^T A: keys x Dv
-  Tensor tPrdO = thr_mma.partition_fragment_B(sdO);   // dP^T B: queries x Dv
-  Tensor tVrdOt = thr_mma.partition_fragment_B(sdOt); // dV   B: Dv x queries
-  Tensor tKrQt = thr_mma.partition_fragment_B(sQt);   // dK   B: Dqk x queries
+  Tensor tSrK = thr_mma.partition_fragment_A(make_tensor(make_smem_ptr(outer_base), LayoutKo{}));  // S^T A
+  Tensor tPrV = thr_mma.partition_fragment_A(make_tensor(make_smem_ptr(outer_base), LayoutVo{}));  // dP^T A
+  Tensor tSrQ = thr_mma.partition_fragment_B(make_tensor(make_smem_ptr(inner_base), LayoutQ{}));
+  Tensor tPrdO = thr_mma.partition_fragment_B(make_tensor(make_smem_ptr(inner_base), LayoutdO{}));
+  Tensor tVrdOt = thr_mma.partition_fragment_B(make_tensor(make_smem_ptr(inner_base), LayoutdOt{}));
+  Tensor tKrQt = thr_mma.partition_fragment_B(make_tensor(make_smem_ptr(inner_base), LayoutQt{}));
 
   auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomT{}, tiled_mma);
-  Tensor tSsK = copy_a.get_thread_slice(tidx).partition_S(sK);
-  Tensor tSsQ = copy_b.get_thread_slice(tidx).partition_S(sQ);
-  Tensor tPsV = copy_a.get_thread_slice(tidx).partition_S(sV);
-  Tensor tPsdO = copy_b.get_thread_slice(tidx).partition_S(sdO);
-  Tensor tVsdOt = copy_bt.get_thread_slice(tidx).partition_S(sdOt);
-  Tensor tKsQt = copy_bt.get_thread_slice(tidx).partition_S(sQt);
+  auto thr_a = copy_a.get_thread_slice(tidx);
+  auto thr_b = copy_b.get_thread_slice(tidx);
+  auto thr_bt = copy_bt.get_thread_slice(tidx);
 
   Tensor acc_dv = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kDv>>{});
   Tensor acc_dk = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kDqk>>{});
   clear(acc_dv);
   clear(acc_dk);
+  Tensor dV = make_tensor(acc_dv.data(), dev::rowcol_layout(acc_dv.layout()));
+  Tensor dK = make_tensor(acc_dk.data(), dev::rowcol_layout(acc_dk.layout()));
+  Tensor cdv = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kDv>>{}));
+  Tensor cdk = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kDqk>>{}));
+  Tensor cdv_rc = make_tensor(cdv.data(), dev::rowcol_layout(cdv.layout()));
+  Tensor cdk_rc = make_tensor(cdk.data(), dev::rowcol_layout(cdk.layout()));
 
-  Tensor cS = make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{});
-  Tensor tScS = thr_mma.partition_C(cS);
-  Tensor tScS_rc = make_tensor(tScS.data(), dev::rowcol_layout(tScS.layout()));
+  Tensor cS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+  Tensor cS_rc = make_tensor(cS.data(), dev::rowcol_layout(cS.layout()));
+  constexpr int kCols = decltype(size<1>(cS_rc))::value;
 
   const float scale_log2 = p.scale_log2;
-  const float* lse_bh = p.lse + (int64_t(b) * p.H + h) * N;
-  const float* delta_bh = p.delta + (int64_t(b) * p.H + h) * N;
-  const int m_blocks = (N + kBlockM - 1) / kBlockM;
+  const int64_t out_row_stride = int64_t(H) * D;
+  const int partial_limit = N - (m_blocks - 1) * kBlockM;  // valid queries of the first (last-index) tile
 
-  for (int m_block = 0; m_block < m_blocks; ++m_block) {
-    const int m0 = m_block * kBlockM;
-    __syncthreads();  // everybody is done with the previous query tile
-    stage_qcat<Traits, kBlockM>(sQ_ptr, p, b, h, m0, tidx);
-    stage_v_rows<Traits, kBlockM>(sdO_ptr, p.dout, p.do_batch_stride, p.do_head_stride, p.do_row_stride, p, b, h,
-                                  m0, tidx);
-    for (int i = tidx; i < kBlockM; i += kNThreads) {
-      const bool ok = m0 + i < N;
-      sLse[i] = ok ? lse_bh[m0 + i] * kLog2e : INFINITY;  // rows past N: P = 0
-      sDelta[i] = ok ? delta_bh[m0 + i] : 0.f;
+  for (int s = 0; s < dist; ++s) {
+    if (s < steps) load_step(s);
+    dev::cp_async_commit();
+  }
+
+  for (int s = 0; s < steps; ++s) {
+    const int w = s / m_blocks;
+    const int j = s - w * m_blocks;
+    const int b = cta.b_begin + w;
+    wait_ring<kStages>(dist);
+    __syncthreads();  // step s has landed for everybody; everybody is done with step s - 1
+    if (s + dist < steps) load_step(s + dist);
+    dev::cp_async_commit();
+
+    Slot<Traits, kBlockN> o(outer_base + (w & 1) * Traits::kOuterSlot);
+    Tensor sK = make_tensor(make_smem_ptr(o.qk), LayoutKo{});
+    Tensor sV = make_tensor(make_smem_ptr(o.v), LayoutVo{});
+    Tensor tSsK = thr_a.partition_S(sK);
+    Tensor tPsV = thr_a.partition_S(sV);
+    if (j == 0) {
+      if (p.q_mult != 1.0f) scale_warp_rows<Traits>(o.qk, D, p.q_mult, tidx);
+      if constexpr (Traits::kARegs) {
+        cute::copy(copy_a, tSsK, thr_a.retile_D(tSrK));
+        cute::copy(copy_a, tPsV, thr_a.retile_D(tPrV));
+      }
     }
-    __syncthreads();
+
+    Slot<Traits, kBlockM> in(inner_base + (s % kStages) * Traits::kInnerSlot);
+    Tensor sQ = make_tensor(make_smem_ptr(in.qk), LayoutQ{});
+    Tensor sQt = make_tensor(make_smem_ptr(in.qk), LayoutQt{});
+    Tensor sdO = make_tensor(make_smem_ptr(in.v), LayoutdO{});
+    Tensor sdOt = make_tensor(make_smem_ptr(in.v), LayoutdOt{});
 
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
     Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
     clear(acc_s);
     clear(acc_dp);
-    dev::gemm_ss(tiled_mma, acc_s, tSrK, tSrQ, tSsK, tSsQ, copy_a, copy_b, tidx);
-    dev::gemm_ss(tiled_mma, acc_dp, tPrV, tPrdO, tPsV, tPsdO, copy_a, copy_b, tidx);
+    if constexpr (Traits::kARegs) {
+      dev::gemm_rs(tiled_mma, acc_s, tSrK, tSrQ, thr_b.partition_S(sQ), copy_b, tidx);
+      dev::gemm_rs(tiled_mma, acc_dp, tPrV, tPrdO, thr_b.partition_S(sdO), copy_b, tidx);
+    } else {
+      dev::gemm_ss(tiled_mma, acc_s, tSrK, tSrQ, tSsK, thr_b.partition_S(sQ), copy_a, copy_b, tidx);
+      dev::gemm_ss(tiled_mma, acc_dp, tPrV, tPrdO, tPsV, thr_b.partition_S(sdO), copy_a, copy_b, tidx);
+    }
 
     Tensor S = make_tensor(acc_s.data(), dev::rowcol_layout(acc_s.layout()));
     Tensor dP = make_tensor(acc_dp.data(), dev::rowcol_layout(acc_dp.layout()));
+    float col_lse2[kCols], col_delta[kCols];
+    CUTE_UNROLL
+    for (int ni = 0; ni < kCols; ++ni) {
+      const int col = int(get<1>(cS_rc(0, ni)));
+      col_lse2[ni] = in.lse2[col];
+      col_delta[ni] = in.delta[col];
+    }
+    const bool masked = j == 0 && partial_limit < kBlockM;
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(S); ++mi) {
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(S); ++ni) {
-        const int col = int(get<1>(tScS_rc(mi, ni)));
-        const float pv = exp2f(S(mi, ni) * scale_log2 - sLse[col]);
+      for (int ni = 0; ni < kCols; ++ni) {
+        float pv = exp2f(S(mi, ni) * scale_log2 - col_lse2[ni]);
+        float ds = pv * (dP(mi, ni) - col_delta[ni]);
+        if (masked && int(get<1>(cS_rc(mi, ni))) >= partial_limit) {
+          pv = 0.f;
+          ds = 0.f;
+        }
         S(mi, ni) = pv;
-        dP(mi, ni) = pv * (dP(mi, ni) - sDelta[col]);
+        dP(mi, ni) = ds;
       }
     }
 
     Tensor rP = dev::convert_fragment<Element>(acc_s);
     Tensor tPa = make_tensor(rP.data(), dev::acc_as_a_layout(rP.layout()));
-    dev::gemm_rs(tiled_mma, acc_dv, tPa, tVrdOt, tVsdOt, copy_bt, tidx);
+    dev::gemm_rs(tiled_mma, acc_dv, tPa, tVrdOt, thr_bt.partition_S(sdOt), copy_bt, tidx);
     Tensor rdS = dev::convert_fragment<Element>(acc_dp);
     Tensor tdSa = make_tensor(rdS.data(), dev::acc_as_a_layout(rdS.layout()));
-    dev::gemm_rs(tiled_mma, acc_dk, tdSa, tKrQt, tKsQt, copy_bt, tidx);
-  }
+    dev::gemm_rs(tiled_mma, acc_dk, tdSa, tKrQt, thr_bt.partition_S(sQt), copy_bt, tidx);
 
-  // Epilogue: dv, dk (B, N, H, D) contiguous; dbias_k rows of this window into the fp32 workspace.
-  const float c_mult = p.c_mult;
-  Element* dv_base = static_cast<Element*>(p.dv) + (int64_t(b) * N * p.H + h) * D;
-  Element* dk_base = static_cast<Element*>(p.dk) + (int64_t(b) * N * p.H + h) * D;
-  const int64_t out_row_stride = int64_t(p.H) * D;
-  {
-    Tensor O = make_tensor(acc_dv.data(), dev::rowcol_layout(acc_dv.layout()));
-    Tensor c = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kDv>>{}));
-    Tensor c_rc = make_tensor(c.data(), dev::rowcol_layout(c.layout()));
-    CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(O); ++mi) {
-      const int row = n0 + int(get<0>(c_rc(mi, 0)));
-      if (row >= N) continue;
-      CUTE_UNROLL
-      for (int nj = 0; nj < size<1>(O) / 2; ++nj) {
-        const int col = int(get<1>(c_rc(mi, 2 * nj)));
-        if (col < D) store_pair(dv_base + row * out_row_stride + col, O(mi, 2 * nj), O(mi, 2 * nj + 1));
+    if (j == m_blocks - 1) {  // window done: dv, dk (and per-window dbias_k) out, those columns cleared
+      Element* dv_base = static_cast<Element*>(p.dv) + (int64_t(b) * N * H + h) * D;
+      Element* dk_base = static_cast<Element*>(p.dk) + (int64_t(b) * N * H + h) * D;
+      store_rows(dV, cdv_rc, dv_base, out_row_stride, n0, N, D, 1.0f);
+      store_rows(dK, cdk_rc, dk_base, out_row_stride, n0, N, D, p.scale);
+      clear(acc_dv);
+      clear_columns(dK, cdk_rc, D, false);
+      if (p.bias_batched && R > 0) {
+        store_factor_rows(dK, cdk_rc, p.dbk_part + (int64_t(b) * H + h) * N * R, n0, N, D, R, p.c_mult);
+        clear_columns(dK, cdk_rc, D, true);
       }
     }
   }
-  {
-    Tensor O = make_tensor(acc_dk.data(), dev::rowcol_layout(acc_dk.layout()));
-    Tensor c = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kDqk>>{}));
-    Tensor c_rc = make_tensor(c.data(), dev::rowcol_layout(c.layout()));
-    float* dbk_rows = p.dbk_part + (int64_t(b) * p.H + h) * N * R;
-    CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(O); ++mi) {
-      const int row = n0 + int(get<0>(c_rc(mi, 0)));
-      if (row >= N) continue;
-      CUTE_UNROLL
-      for (int nj = 0; nj < size<1>(O) / 2; ++nj) {
-        const int col = int(get<1>(c_rc(mi, 2 * nj)));
-        const float a0 = O(mi, 2 * nj) * c_mult, a1 = O(mi, 2 * nj + 1) * c_mult;
-        if (col < D) {
-          store_pair(dk_base + row * out_row_stride + col, a0, a1);
-        } else {
-          const int r = col - D;
-          if (r < R) dbk_rows[int64_t(row) * R + r] = a0;
-          if (r + 1 < R) dbk_rows[int64_t(row) * R + r + 1] = a1;
-        }
-      }
-    }
+  if (!p.bias_batched && R > 0 && steps > 0) {
+    const int chunk = cta.b_begin / p.chunk_windows;
+    store_factor_rows(dK, cdk_rc, p.dbk_part + (int64_t(chunk) * H + h) * N * R, n0, N, D, R, p.c_mult);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// 3. dQ and per-window dbias_q: query-stationary.
+// 4. dQ and dbias_q: query-stationary.
 
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kNThreads) bwd_dq_kernel(const RfbiasBwdParams p) {
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dq_kernel(const RfbiasBwdParams p) {
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockOuter;  // queries owned by the CTA
   constexpr int kBlockN = Traits::kBlockInner;  // keys per step
   constexpr int kDqk = Traits::kDqk;
   constexpr int kNThreads = Traits::kNThreads;
-  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kQKStride = Traits::kQKStride;
+  constexpr int kVStride = Traits::kVStride;
 
   extern __shared__ uint4 smem_raw[];
-  Element* sQ_ptr = reinterpret_cast<Element*>(smem_raw);
-  Element* sdO_ptr = sQ_ptr + Traits::kSmemOuterQK;
-  Element* sK_ptr = sdO_ptr + Traits::kSmemOuterV;
-  Element* sV_ptr = sK_ptr + Traits::kSmemInnerQK;
+  Element* outer_base = reinterpret_cast<Element*>(smem_raw);
+  Element* inner_base = outer_base + 2 * Traits::kOuterSlot;
 
   const int tidx = threadIdx.x;
-  const int N = p.N, D = p.D, R = p.R;
+  const int N = p.N, D = p.D, R = p.R, H = p.H;
   const int m_blocks = (N + kBlockM - 1) / kBlockM;
-  const int64_t bid = blockIdx.x;
-  const int m_block = int(bid % m_blocks);
-  const int64_t hb = bid / m_blocks;
-  const int b = int(hb % p.B);
-  const int h = int(hb / p.B);
-  const int m0 = m_block * kBlockM;
+  const int n_blocks = (N + kBlockN - 1) / kBlockN;
+  const BwdCta cta(p, m_blocks);
+  const int h = cta.h;
+  const int m0 = cta.block * kBlockM;
+  const int m_valid = min(kBlockM, N - m0);
+  const int steps = (cta.b_end - cta.b_begin) * n_blocks;
+  const int dist = prefetch_distance<kStages>(n_blocks);
+  const bool vec16 = p.qkv_vec16;
 
-  zero_smem(smem_raw, Traits::kSmemBytes, tidx, kNThreads);
+  clear_smem<Traits::kSmemBytes, kNThreads>(smem_raw, tidx);
   __syncthreads();
-  stage_qcat<Traits, kBlockM>(sQ_ptr, p, b, h, m0, tidx);
-  stage_v_rows<Traits, kBlockM>(sdO_ptr, p.dout, p.do_batch_stride, p.do_head_stride, p.do_row_stride, p, b, h, m0,
-                                tidx);
+
+  const FactorCopyPlan plan_bk(tidx, kNThreads, R, p.bias_vec2);
+  const FactorCopyPlan plan_bq(tidx, kNThreads, R, p.bqs_vec2);
+  const Element* bqs_head = static_cast<const Element*>(p.bq_scaled) + int64_t(h) * N * R;
+  const int64_t bqs_batch = p.bias_batched ? int64_t(H) * N * R : 0;
+
+  auto load_step = [&](int s) {
+    const int w = s / n_blocks;
+    const int j = s - w * n_blocks;
+    const int b = cta.b_begin + w;
+    if (j == 0) {  // the window's stationary tile: [q | bq_scaled], dO rows and their statistics
+      Slot<Traits, kBlockM> o(outer_base + (w & 1) * Traits::kOuterSlot);
+      const Element* gq = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                          int64_t(m0) * p.q_row_stride;
+      const Element* gdo = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                           int64_t(m0) * p.do_row_stride;
+      copy_rows<Traits, kBlockM, kQKStride, Traits::kDv>(o.qk, gq, p.q_row_stride, m_valid, D, vec16, tidx);
+      copy_rows<Traits, kBlockM, kVStride, Traits::kDv>(o.v, gdo, p.do_row_stride, m_valid, D, vec16, tidx);
+      if (R > 0) {
+        copy_factor_rows<kBlockM, kQKStride, true>(plan_bq, o.qk, D, bqs_head + b * bqs_batch + int64_t(m0) * R, R,
+                                                   m_valid, p.bqs_vec2);
+      }
+      const int64_t stat0 = (int64_t(b) * H + h) * N + m0;
+      copy_stats<kBlockM, kNThreads>(o.lse2, o.delta, p.lse2 + stat0, p.delta + stat0, m_valid, tidx);
+    }
+    const int n0 = (n_blocks - 1 - j) * kBlockN;
+    const int valid = min(kBlockN, N - n0);
+    Slot<Traits, kBlockN> in(inner_base + (s % kStages) * Traits::kInnerSlot);
+    const Element* gk = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride +
+                        int64_t(n0) * p.k_row_stride;
+    const Element* gv = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride +
+                        int64_t(n0) * p.v_row_stride;
+    copy_rows<Traits, kBlockN, kQKStride, Traits::kDv>(in.qk, gk, p.k_row_stride, valid, D, vec16, tidx);
+    copy_rows<Traits, kBlockN, kVStride, Traits::kDv>(in.v, gv, p.v_row_stride, valid, D, vec16, tidx);
+    if (R > 0) {
+      const Element* gbk = static_cast<const Element*>(p.bias_k) + b * p.bk_batch_stride + h * p.bk_head_stride +
+                           int64_t(n0) * p.bk_row_stride;
+      copy_factor_rows<kBlockN, kQKStride, true>(plan_bk, in.qk, D, gbk, p.bk_row_stride, valid, p.bias_vec2);
+    }
+  };
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tidx);
-  Tensor sQ = make_tensor(make_smem_ptr(sQ_ptr), typename Traits::template RowsQK<kBlockM>{});
-  Tensor sdO = make_tensor(make_smem_ptr(sdO_ptr), typename Traits::template RowsV<kBlockM>{});
-  Tensor sK = make_tensor(make_smem_ptr(sK_ptr), typename Traits::template RowsQK<kBlockN>{});
-  Tensor sKt = make_tensor(make_smem_ptr(sK_ptr), typename Traits::template RowsQKt<kBlockN>{});
-  Tensor sV = make_tensor(make_smem_ptr(sV_ptr), typename Traits::template RowsV<kBlockN>{});
+  using LayoutQo = typename Traits::template RowsQK<kBlockM>;
+  using LayoutdOo = typename Traits::template RowsV<kBlockM>;
+  using LayoutK = typename Traits::template RowsQK<kBlockN>;
+  using LayoutKt = typename Traits::template RowsQKt<kBlockN>;
+  using LayoutV = typename Traits::template RowsV<kBlockN>;
 
-  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);    // S  A: queries x Dqk
-  Tensor tSrK = thr_mma.partition_fragment_B(sK);    // S  B: keys x Dqk
-  Tensor tPrdO = thr_mma.partition_fragment_A(sdO);  // dP A: queries x Dv
-  Tensor tPrV = thr_mma.partition_fragment_B(sV);    // dP B: keys x Dv
-  Tensor tQrKt = thr_mma.partition_fragment_B(sKt);  // dQ B: Dqk x keys
+  Tensor tSrQ = thr_mma.partition_fragment_A(make_tensor(make_smem_ptr(outer_base), LayoutQo{}));   // S A
+  Tensor tPrdO = thr_mma.partition_fragment_A(make_tensor(make_smem_ptr(outer_base), LayoutdOo{})); // dP A
+  Tensor tSrK = thr_mma.partition_fragment_B(make_tensor(make_smem_ptr(inner_base), LayoutK{}));
+  Tensor tPrV = thr_mma.partition_fragment_B(make_tensor(make_smem_ptr(inner_base), LayoutV{}));
+  Tensor tQrKt = thr_mma.partition_fragment_B(make_tensor(make_smem_ptr(inner_base), LayoutKt{}));
 
   auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomT{}, tiled_mma);
-  Tensor tSsQ = copy_a.get_thread_slice(tidx).partition_S(sQ);
-  Tensor tSsK = copy_b.get_thread_slice(tidx).partition_S(sK);
-  Tensor tPsdO = copy_a.get_thread_slice(tidx).partition_S(sdO);
-  Tensor tPsV = copy_b.get_thread_slice(tidx).partition_S(sV);
-  Tensor tQsKt = copy_bt.get_thread_slice(tidx).partition_S(sKt);
+  auto thr_a = copy_a.get_thread_slice(tidx);
+  auto thr_b = copy_b.get_thread_slice(tidx);
+  auto thr_bt = copy_bt.get_thread_slice(tidx);
 
   Tensor acc_dq = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kDqk>>{});
   clear(acc_dq);
+  Tensor dQ = make_tensor(acc_dq.data(), dev::rowcol_layout(acc_dq.layout()));
+  Tensor cdq = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kDqk>>{}));
+  Tensor cdq_rc = make_tensor(cdq.data(), dev::rowcol_layout(cdq.layout()));
 
-  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor tScS = thr_mma.partition_C(cS);
-  Tensor tScS_rc = make_tensor(tScS.data(), dev::rowcol_layout(tScS.layout()));
-
-  // Per-row statistics of this thread's rows.
-  constexpr int kRows = decltype(size<0>(dev::rowcol_layout(tScS.layout())))::value;
-  float lse2[kRows], delta[kRows];
-  {
-    const float* lse_bh = p.lse + (int64_t(b) * p.H + h) * N;
-    const float* delta_bh = p.delta + (int64_t(b) * p.H + h) * N;
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const int row = m0 + int(get<0>(tScS_rc(mi, 0)));
-      const bool ok = row < N;
-      lse2[mi] = ok ? lse_bh[row] * kLog2e : INFINITY;
-      delta[mi] = ok ? delta_bh[row] : 0.f;
-    }
-  }
+  Tensor cS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cS_rc = make_tensor(cS.data(), dev::rowcol_layout(cS.layout()));
+  constexpr int kRows = decltype(size<0>(cS_rc))::value;
+  float row_lse2[kRows], row_delta[kRows];
 
   const float scale_log2 = p.scale_log2;
-  const int n_blocks = (N + kBlockN - 1) / kBlockN;
-  for (int n_block = 0; n_block < n_blocks; ++n_block) {
-    const int n0 = n_block * kBlockN;
-    __syncthreads();  // everybody is done with the previous key tile
-    stage_kcat<Traits, kBlockN>(sK_ptr, p, b, h, n0, tidx);
-    stage_v_rows<Traits, kBlockN>(sV_ptr, p.v, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p, b, h, n0,
-                                  tidx);
+  const int64_t out_row_stride = int64_t(H) * D;
+  const int partial_limit = N - (n_blocks - 1) * kBlockN;  // valid keys of the first (last-index) tile
+
+  for (int s = 0; s < dist; ++s) {
+    if (s < steps) load_step(s);
+    dev::cp_async_commit();
+  }
+
+  for (int s = 0; s < steps; ++s) {
+    const int w = s / n_blocks;
+    const int j = s - w * n_blocks;
+    const int b = cta.b_begin + w;
+    wait_ring<kStages>(dist);
     __syncthreads();
+    if (s + dist < steps) load_step(s + dist);
+    dev::cp_async_commit();
+
+    Slot<Traits, kBlockM> o(outer_base + (w & 1) * Traits::kOuterSlot);
+    Tensor sQ = make_tensor(make_smem_ptr(o.qk), LayoutQo{});
+    Tensor sdO = make_tensor(make_smem_ptr(o.v), LayoutdOo{});
+    Tensor tSsQ = thr_a.partition_S(sQ);
+    Tensor tPsdO = thr_a.partition_S(sdO);
+    if (j == 0) {
+      if (p.q_mult != 1.0f) scale_warp_rows<Traits>(o.qk, D, p.q_mult, tidx);
+      if constexpr (Traits::kARegs) {
+        cute::copy(copy_a, tSsQ, thr_a.retile_D(tSrQ));
+        cute::copy(copy_a, tPsdO, thr_a.retile_D(tPrdO));
+      }
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        const int row = int(get<0>(cS_rc(mi, 0)));
+        row_lse2[mi] = o.lse2[row];
+        row_delta[mi] = o.delta[row];
+      }
+    }
+
+    Slot<Traits, kBlockN> in(inner_base + (s % kStages) * Traits::kInnerSlot);
+    Tensor sK = make_tensor(make_smem_ptr(in.qk), LayoutK{});
+    Tensor sKt = make_tensor(make_smem_ptr(in.qk), LayoutKt{});
+    Tensor sV = make_tensor(make_smem_ptr(in.v), LayoutV{});
 
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
     clear(acc_dp);
-    dev::gemm_ss(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, copy_a, copy_b, tidx);
-    dev::gemm_ss(tiled_mma, acc_dp, tPrdO, tPrV, tPsdO, tPsV, copy_a, copy_b, tidx);
+    if constexpr (Traits::kARegs) {
+      dev::gemm_rs(tiled_mma, acc_s, tSrQ, tSrK, thr_b.partition_S(sK), copy_b, tidx);
+      dev::gemm_rs(tiled_mma, acc_dp, tPrdO, tPrV, thr_b.partition_S(sV), copy_b, tidx);
+    } else {
+      dev::gemm_ss(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, thr_b.partition_S(sK), copy_a, copy_b, tidx);
+      dev::gemm_ss(tiled_mma, acc_dp, tPrdO, tPrV, tPsdO, thr_b.partition_S(sV), copy_a, copy_b, tidx);
+    }
 
     Tensor S = make_tensor(acc_s.data(), dev::rowcol_layout(acc_s.layout()));
     Tensor dP = make_tensor(acc_dp.data(), dev::rowcol_layout(acc_dp.layout()));
-    const int limit = N - n0;
+    const bool masked = j == 0 && partial_limit < kBlockN;
     CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(S); ++mi) {
+    for (int mi = 0; mi < kRows; ++mi) {
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(S); ++ni) {
-        const int col = int(get<1>(tScS_rc(mi, ni)));
-        const float pv = col < limit ? exp2f(S(mi, ni) * scale_log2 - lse2[mi]) : 0.f;
-        dP(mi, ni) = pv * (dP(mi, ni) - delta[mi]);
+        float ds = exp2f(S(mi, ni) * scale_log2 - row_lse2[mi]) * (dP(mi, ni) - row_delta[mi]);
+        if (masked && int(get<1>(cS_rc(mi, ni))) >= partial_limit) ds = 0.f;
+        dP(mi, ni) = ds;
       }
     }
     Tensor rdS = dev::convert_fragment<Element>(acc_dp);
     Tensor tdSa = make_tensor(rdS.data(), dev::acc_as_a_layout(rdS.layout()));
-    dev::gemm_rs(tiled_mma, acc_dq, tdSa, tQrKt, tQsKt, copy_bt, tidx);
-  }
+    dev::gemm_rs(tiled_mma, acc_dq, tdSa, tQrKt, thr_bt.partition_S(sKt), copy_bt, tidx);
 
-  // Epilogue: dq = scale * dQcat[:, :D] (B, N, H, D) contiguous; dbias_q rows = dQcat[:, D:D+R] (fp32 workspace).
-  const float scale = p.scale;
-  Element* dq_base = static_cast<Element*>(p.dq) + (int64_t(b) * N * p.H + h) * D;
-  const int64_t out_row_stride = int64_t(p.H) * D;
-  float* dbq_rows = p.dbq_part + (int64_t(b) * p.H + h) * N * R;
-  Tensor O = make_tensor(acc_dq.data(), dev::rowcol_layout(acc_dq.layout()));
-  Tensor c = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kDqk>>{}));
-  Tensor c_rc = make_tensor(c.data(), dev::rowcol_layout(c.layout()));
-  CUTE_UNROLL
-  for (int mi = 0; mi < size<0>(O); ++mi) {
-    const int row = m0 + int(get<0>(c_rc(mi, 0)));
-    if (row >= N) continue;
-    CUTE_UNROLL
-    for (int nj = 0; nj < size<1>(O) / 2; ++nj) {
-      const int col = int(get<1>(c_rc(mi, 2 * nj)));
-      if (col < D) {
-        store_pair(dq_base + row * out_row_stride + col, O(mi, 2 * nj) * scale, O(mi, 2 * nj + 1) * scale);
-      } else {
-        const int r = col - D;
-        if (r < R) dbq_rows[int64_t(row) * R + r] = O(mi, 2 * nj);
-        if (r + 1 < R) dbq_rows[int64_t(row) * R + r + 1] = O(mi, 2 * nj + 1);
+    if (j == n_blocks - 1) {  // window done: dq (and per-window dbias_q) out, those columns cleared
+      Element* dq_base = static_cast<Element*>(p.dq) + (int64_t(b) * N * H + h) * D;
+      store_rows(dQ, cdq_rc, dq_base, out_row_stride, m0, N, D, p.scale);
+      clear_columns(dQ, cdq_rc, D, false);
+      if (p.bias_batched && R > 0) {
+        store_factor_rows(dQ, cdq_rc, p.dbq_part + (int64_t(b) * H + h) * N * R, m0, N, D, R, 1.0f);
+        clear_columns(dQ, cdq_rc, D, true);
       }
     }
+  }
+  if (!p.bias_batched && R > 0 && steps > 0) {
+    const int chunk = cta.b_begin / p.chunk_windows;
+    store_factor_rows(dQ, cdq_rc, p.dbq_part + (int64_t(chunk) * H + h) * N * R, m0, N, D, R, 1.0f);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// 4. Factor gradients: fixed-order sum over windows (shared factors) or a conversion (per-window factors).
+// 5. Factor gradients: fixed-order sum over chunks (shared factors) or a conversion (per-window factors).
 
 template <typename Element>
 __global__ void bwd_reduce_kernel(const RfbiasBwdParams p) {
@@ -559,9 +726,9 @@ __global__ void bwd_reduce_kernel(const RfbiasBwdParams p) {
     } else {
       aq = 0.f;
       ak = 0.f;
-      for (int b = 0; b < p.B; ++b) {  // increasing b: the same order on every run
-        aq += p.dbq_part[b * hnr + i];
-        ak += p.dbk_part[b * hnr + i];
+      for (int c = 0; c < p.n_chunks; ++c) {  // increasing chunk: the same order on every run
+        aq += p.dbq_part[c * hnr + i];
+        ak += p.dbk_part[c * hnr + i];
       }
     }
     dbq[i] = Element(aq);

@@ -16,95 +16,13 @@
 
 #include "../params.h"
 #include "../common/utils.h"
+#include "copy.h"
 #include "kernel_traits.h"
 
 namespace rfsr {
 namespace sm80 {
 
 using namespace cute;
-
-// Per-thread plan for copying a tile of kRows rows x kWidth elements (valid columns [0, D)) with vectors of
-// kVec elements: a thread always serves the same column and every (kThreads / (kWidth / kVec))-th row, so
-// the addresses are computed once per CTA and each copy costs one add.
-template <class Traits, int kRows, int kWidth, int kVec>
-struct RowCopyPlan {
-  static constexpr int kPerRow = kWidth / kVec;
-  static_assert(Traits::kNThreads % kPerRow == 0, "a thread row-group must be whole");
-  static constexpr int kRowsPerIt = Traits::kNThreads / kPerRow;
-  static constexpr int kIts = (kRows + kRowsPerIt - 1) / kRowsPerIt;
-  int row;   // first row of this thread
-  int col;   // element column of this thread
-  bool active;
-  __device__ __forceinline__ RowCopyPlan(int tidx, int D) {
-    row = tidx / kPerRow;
-    col = (tidx % kPerRow) * kVec;
-    active = col < D;
-  }
-};
-
-// Asynchronous copy of one tile; rows past valid_rows are not touched. Only the first tile a CTA loads (the
-// last, partial one) has such rows, and its slot still holds zeros from the initial clear, so masked keys meet
-// zero values (never NaN). g points at the tile's first row.
-template <class Plan, int kVec, int kSStride, typename Element>
-__device__ __forceinline__ void copy_tile_async(const Plan& plan, Element* s, const Element* g, int64_t g_row_stride,
-                                                int valid_rows) {
-  if (!plan.active) return;
-  const Element* src = g + plan.row * g_row_stride + plan.col;
-  Element* dst = s + plan.row * kSStride + plan.col;
-  const int64_t step = int64_t(Plan::kRowsPerIt) * g_row_stride;
-  CUTE_UNROLL
-  for (int it = 0; it < Plan::kIts; ++it) {
-    const int r = plan.row + it * Plan::kRowsPerIt;
-    if (r < valid_rows) {
-      if constexpr (kVec == 8) {
-        dev::cp_async_16(dst + it * Plan::kRowsPerIt * kSStride, src, true);
-      } else {
-        dev::cp_async_4(dst + it * Plan::kRowsPerIt * kSStride, src, true);
-      }
-    }
-    src += step;
-  }
-}
-
-// Factor rows: R runtime columns copied into [col0, col0 + R) of a tile. The thread -> (row, unit) mapping is
-// computed once per CTA from R (R <= 128 units per row and >= 128 threads: every unit has a thread). Rows past
-// valid_rows are not touched (see copy_tile_async).
-struct FactorCopyPlan {
-  int units;         // copy units per row (words if vec2 else elements)
-  int rows_per_it;   // rows covered by one pass of the CTA
-  int row, unit;     // this thread's first row and unit
-  bool active;
-  __device__ __forceinline__ FactorCopyPlan(int tidx, int nthreads, int R, bool vec2) {
-    units = vec2 ? (R >> 1) : R;
-    if (units <= 0) {
-      rows_per_it = 1; row = 0; unit = 0; active = false;
-      return;
-    }
-    rows_per_it = nthreads / units;
-    active = tidx < rows_per_it * units;
-    row = tidx / units;
-    unit = tidx - row * units;
-  }
-};
-
-template <int kRows, int kSStride, typename Element>
-__device__ __forceinline__ void copy_factor_rows(const FactorCopyPlan& plan, Element* s, int col0, const Element* g,
-                                                 int64_t g_row_stride, int valid_rows, bool vec2) {
-  if (plan.active) {
-    if (vec2) {
-      const int c = plan.unit * 2;
-      for (int r = plan.row; r < min(kRows, valid_rows); r += plan.rows_per_it) {
-        dev::cp_async_4(s + r * kSStride + col0 + c, g + r * g_row_stride + c, true);
-      }
-    } else {
-      const int c = plan.unit;
-      for (int r = plan.row; r < min(kRows, valid_rows); r += plan.rows_per_it) {
-        *reinterpret_cast<uint16_t*>(s + r * kSStride + col0 + c) =
-            *reinterpret_cast<const uint16_t*>(g + r * g_row_stride + c);
-      }
-    }
-  }
-}
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_fwd_kernel(const RfbiasFwdParams p) {

@@ -1,4 +1,5 @@
-// Host-side launch of the sm80 backward kernels for one (dtype, kDqk, kDv) bucket: delta, dK/dV, dQ, reduction.
+// Host-side launch of the sm80 backward kernels for one (dtype, kDqk, kDv) bucket: prep, factor scaling, dK/dV,
+// dQ, reduction.
 // All launches go to `stream`; the workspace pointers in `p` were allocated by the binding.
 #pragma once
 
@@ -34,15 +35,21 @@ cudaError_t run_bwd(const RfbiasBwdParams& p, cudaStream_t stream) {
   const int64_t rows = int64_t(p.B) * p.H * p.N;
   if (rows <= 0) return cudaSuccess;
 
-  bwd_delta_kernel<Element><<<elementwise_grid(rows, 256), 256, 0, stream>>>(p);
+  bwd_prep_kernel<Element><<<elementwise_grid(rows, 256), 256, 0, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
+  if (p.R > 0) {
+    const int64_t factors = int64_t(p.H) * p.N * p.R * (p.bias_batched ? p.B : 1);
+    bwd_scale_factors_kernel<Element><<<elementwise_grid(factors, 256), 256, 0, stream>>>(p);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
 
-  const int64_t bh = int64_t(p.B) * p.H;
-  const int64_t outer_blocks = (p.N + Traits::kBlockOuter - 1) / Traits::kBlockOuter;
-  e = launch_tiles(&bwd_dkdv_kernel<Traits>, outer_blocks * bh, Traits::kNThreads, Traits::kSmemBytes, p, stream);
+  const int64_t per_block = int64_t(p.H) * p.n_chunks;  // CTAs per row block
+  const int64_t blocks = (p.N + Traits::kBlockOuter - 1) / Traits::kBlockOuter;
+  e = launch_tiles(&bwd_dkdv_kernel<Traits>, blocks * per_block, Traits::kNThreads, Traits::kSmemBytes, p, stream);
   if (e != cudaSuccess) return e;
-  e = launch_tiles(&bwd_dq_kernel<Traits>, outer_blocks * bh, Traits::kNThreads, Traits::kSmemBytes, p, stream);
+  e = launch_tiles(&bwd_dq_kernel<Traits>, blocks * per_block, Traits::kNThreads, Traits::kSmemBytes, p, stream);
   if (e != cudaSuccess) return e;
 
   if (p.R > 0) {
