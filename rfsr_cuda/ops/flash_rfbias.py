@@ -52,12 +52,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    # The kernels take any strides but a unit last-dim stride. Under torch.compile the saved tensors (and grad_out)
+    # may come back with another layout (inductor's layout optimisation re-strides saved activations).
+    return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
+
+
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, bias_q, bias_k, out, lse = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    elif grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()  # the kernels take any strides but a unit last-dim stride
+    q, k, v, bias_q, bias_k, out, lse = (_unit_last_stride(t) for t in ctx.saved_tensors)
+    grad_out = torch.zeros_like(out) if grad_out is None else _unit_last_stride(grad_out)
     grads = torch.ops.rfsr.flash_rfbias_bwd(grad_out, q, k, v, bias_q, bias_k, out, lse, ctx.scale)
     return (*grads, None)
 

@@ -123,6 +123,28 @@ def test_gradients_with_noncontiguous_grad_out_and_strided_inputs():
         assert _rel(a, b) < 1e-10
 
 
+def test_backward_takes_saved_tensors_with_any_layout():
+    # torch.compile may hand the backward saved tensors re-strided (inductor's layout optimisation): last-dim
+    # strides other than 1 must still give the same gradients.
+    from types import SimpleNamespace
+
+    from rfsr_cuda.ops.flash_rfbias import _backward
+
+    q, k, v, bq, bk = [t.double() for t in make_inputs(2, 20, 2, 6, 3)]
+    out, lse = OPS.flash_rfbias_fwd(q, k, v, bq, bk, 0.4)
+    g = torch.randn_like(out)
+
+    def relaid(t):  # same values, last dimension not unit-stride
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t
+
+    plain = _backward(SimpleNamespace(saved_tensors=(q, k, v, bq, bk, out, lse), scale=0.4), g, None)
+    moved = [relaid(t) for t in (q, k, v, bq, bk, out)]
+    assert all(t.stride(-1) != 1 for t in moved)
+    odd = _backward(SimpleNamespace(saved_tensors=(*moved, lse), scale=0.4), relaid(g), None)
+    for a, b in zip(plain[:5], odd[:5]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_gradcheck_float64(batched):
     ins = [t.double().requires_grad_() for t in make_inputs(2, 7, 2, 3, 2, batched=batched)]
