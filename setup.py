@@ -66,6 +66,8 @@ def cuda_arch_flags() -> list:
     flags = []
     for arch in os.environ.get("RFSR_CUDA_ARCHS", "80;90").replace(",", ";").split(";"):
         arch = arch.strip().replace(".", "")
+        if arch == "90":  # the wgmma kernels need the arch-specific sm_90a target (H100/H200 run it)
+            arch = "90a"
         if arch:
             flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
     return flags

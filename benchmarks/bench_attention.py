@@ -1,7 +1,8 @@
 """Forward benchmark of the fused rfsr::flash_rfbias op against the ways peers compute the same attention.
 
 One GPU, one process, bf16, 2^20 tokens per call, SST-family shapes. Methods:
-  rfsr          torch.ops.rfsr.flash_rfbias_fwd (fused bias, no concatenation)
+  rfsr          torch.ops.rfsr.flash_rfbias_fwd (fused bias, no concatenation): the default sm80 (mma.sync) kernels
+  rfsr_sm90     the same op on the wgmma forward kernels (RFSR_FWD_PATH=sm90; 9.x devices only)
   concat_flash  [q*s | Bq], [k | Bk], [v | 0] concatenated in memory, SDPA flash backend, output sliced
   concat_cudnn  the same through SDPA's cuDNN backend
   flex_rpb      FlexAttention with a relative-position-bias score_mod (the bias a low-rank factor replaces)
@@ -37,7 +38,7 @@ CASES = [
     ("sst_w64", 30, 34, 6, 64),
     ("xl_w96", 32, 32, 7, 96),
 ]
-METHODS = ["rfsr", "concat_flash", "concat_cudnn", "flex_rpb", "nobias_flash"]
+METHODS = ["rfsr", "rfsr_sm90", "concat_flash", "concat_cudnn", "flex_rpb", "nobias_flash"]
 
 
 # --- timing ---------------------------------------------------------------------------------------------------
@@ -157,13 +158,33 @@ def flex_fn():
     return _FLEX
 
 
+def on_path(meth, fn):
+    """fn run with the kernel path of an rfsr method: rfsr_sm90 sets RFSR_FWD_PATH=sm90 around the call."""
+    if meth != "rfsr_sm90":
+        return fn
+
+    def run(*args):
+        old = os.environ.get("RFSR_FWD_PATH")
+        os.environ["RFSR_FWD_PATH"] = "sm90"
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ["RFSR_FWD_PATH"]
+            else:
+                os.environ["RFSR_FWD_PATH"] = old
+    return run
+
+
 def build_methods(name, D, R, H, W, q, k, v, bq, bk, wanted):
     """name -> fn(q, k, v, bq, bk) returning the attention output; bq, bk are the float32 factors a model holds."""
     from torch.nn.attention import SDPBackend
     m = {}
-    if "rfsr" in wanted:
-        s = D ** -0.5
-        m["rfsr"] = lambda q, k, v, bq, bk: torch.ops.rfsr.flash_rfbias(q, k, v, (bq * R ** -0.5).to(DT), bk.to(DT), s)
+    s = D ** -0.5
+    for meth in ("rfsr", "rfsr_sm90"):
+        if meth in wanted:
+            m[meth] = on_path(meth, lambda q, k, v, bq, bk: torch.ops.rfsr.flash_rfbias(
+                q, k, v, (bq * R ** -0.5).to(DT), bk.to(DT), s))
     if "concat_flash" in wanted:
         m["concat_flash"] = lambda q, k, v, bq, bk: concat_attn(q, k, v, bq, bk, SDPBackend.FLASH_ATTENTION)
     if "concat_cudnn" in wanted:
@@ -223,7 +244,7 @@ def main(argv=None):
     ap.add_argument("--no-backward", action="store_true", help="forward timings only")
     a = ap.parse_args(argv)
     wanted = a.methods.split(",")
-    if "rfsr" in wanted:
+    if any(m.startswith("rfsr") for m in wanted):
         import rfsr_cuda  # noqa: F401  (registers torch.ops.rfsr)
     cases = [c for c in CASES if c[0] in a.cases.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -260,19 +281,20 @@ def main(argv=None):
         base = {"case": name, "D": D, "R": R, "H": H, "window": W, "N": N, "B": B, "scores": S,
                 "gflop": flops / 1e9, "floor_ms": round(floor, 4), "floor_limiter": limiter,
                 "floor_exp_ms": round(t_exp, 4), "floor_mma_ms": round(t_mma, 4), "floor_bytes_ms": round(t_mem, 4)}
-        if "rfsr" in wanted:
-            try:
-                base["rfsr_rel_err_vs_fp32"] = check_rfsr(q, k, v, bq, bk, R)
-            except Exception as e:  # noqa: BLE001
-                base["rfsr_check_err"] = str(e)[:200]
+        for meth in ("rfsr", "rfsr_sm90"):
+            if meth in wanted:
+                try:
+                    base[f"{meth}_rel_err_vs_fp32"] = on_path(meth, check_rfsr)(q, k, v, bq, bk, R)
+                except Exception as e:  # noqa: BLE001
+                    base[f"{meth}_check_err"] = str(e)[:200]
         # forward: the factors as an inference cache holds them (scaled, bf16), cast outside the timed call
         bq16, bk16 = (bq * R ** -0.5).to(DT), bk.to(DT)
         leaves = [t.detach().requires_grad_() for t in (q, k, v, bq, bk)]
         grad_out = torch.randn_like(q)
         for meth, fn in build_methods(name, D, R, H, W, q, k, v, bq, bk, wanted).items():
             row = dict(base, method=meth)
-            if meth == "rfsr":
-                fwd = lambda: torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq16, bk16, D ** -0.5)[0]  # noqa: E731
+            if meth in ("rfsr", "rfsr_sm90"):
+                fwd = on_path(meth, lambda: torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq16, bk16, D ** -0.5)[0])
             else:
                 fwd = lambda fn=fn: fn(q, k, v, bq, bk)  # noqa: E731
             try:
@@ -289,7 +311,7 @@ def main(argv=None):
                     for t_ in leaves:
                         t_.grad = None
                     # rfsr returns (B, N, H, D), the SDPA/flex paths (B, H, N, D)
-                    torch.autograd.backward(fn(*leaves), grad_out if meth == "rfsr" else grad_out.transpose(1, 2))
+                    torch.autograd.backward(fn(*leaves), grad_out if meth.startswith("rfsr") else grad_out.transpose(1, 2))
                 try:
                     tb = time_ms(fwdbwd, iters=a.iters)
                     row.update(fwdbwd_ms=round(tb, 4), fwdbwd_peak_mib=round(peak_mib(fwdbwd), 1))

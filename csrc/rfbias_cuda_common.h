@@ -23,16 +23,22 @@ inline bool is_aligned(const at::Tensor& t, int64_t bytes) {
   return true;
 }
 
-// The smallest compiled (Dqk, Dv) bucket of this dtype that holds D + R and D, or nullptr. Works for the forward
-// and backward kernel tables alike (both entries carry run, dtype, dqk, dv, min_arch).
+// The smallest compiled (Dqk, Dv) bucket of this dtype that holds D + R and D and runs on a device of compute
+// capability `arch` (x10), or nullptr. Among kernels of one bucket the most specific arch path wins (sm90 over sm80
+// on a 9.x device) unless `path_cap` (x10) is lower than its min_arch. Works for the forward and backward tables
+// alike (entries carry run, dtype, dqk, dv, min_arch, max_arch).
 template <typename Kernel>
-const Kernel* pick_kernel(const Kernel* table, int count, RfbiasDtype dtype, int64_t D, int64_t R, int arch) {
+const Kernel* pick_kernel(const Kernel* table, int count, RfbiasDtype dtype, int64_t D, int64_t R, int arch,
+                          int path_cap = 1 << 30) {
   const Kernel* best = nullptr;
   for (int i = 0; i < count; ++i) {
     const Kernel& k = table[i];
     if (k.run == nullptr || k.dtype != dtype || k.dqk < D + R || k.dv < D || k.min_arch > arch) continue;
+    if (k.max_arch != 0 && arch / 10 > k.max_arch / 10) continue;  // arch-specific code (sm_90a) runs on 9.x only
+    if (k.min_arch > path_cap) continue;
     if (best == nullptr || k.dqk + k.dv < best->dqk + best->dv ||
-        (k.dqk + k.dv == best->dqk + best->dv && k.dqk < best->dqk)) {
+        (k.dqk + k.dv == best->dqk + best->dv && (k.dqk < best->dqk ||
+                                                  (k.dqk == best->dqk && k.min_arch > best->min_arch)))) {
       best = &k;
     }
   }

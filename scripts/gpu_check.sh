@@ -4,7 +4,7 @@
 # (default ./gpu_check_out).
 #
 #   scripts/gpu_check.sh [OUT_DIR]
-# Knobs: RFSR_CUDA_ARCHS (default: this GPU's arch), RFSR_KERNELS, RFSR_CUTLASS_INCLUDE (default: .carry/cutlass/include
+# Knobs: RFSR_CUDA_ARCHS (default: this GPU's arch), RFSR_KERNELS (default all,sm90), RFSR_CUTLASS_INCLUDE (default: .carry/cutlass/include
 # when present, else the nvidia-cutlass package), MAX_JOBS (default: all cores), BENCH_ARGS (extra benchmark arguments),
 # SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1.
 set -uo pipefail
@@ -24,13 +24,15 @@ if [ -z "${RFSR_CUTLASS_INCLUDE:-}" ] && [ -f .carry/cutlass/include/cute/tensor
   export RFSR_CUTLASS_INCLUDE=$PWD/.carry/cutlass/include
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# the check covers the experimental wgmma forward too (tests run it through RFSR_FWD_PATH=sm90 on 9.x devices)
+export RFSR_KERNELS=${RFSR_KERNELS:-all,sm90}
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   nvcc --version | tail -2
-  echo "RFSR_CUDA_ARCHS=$RFSR_CUDA_ARCHS RFSR_KERNELS=${RFSR_KERNELS:-all} MAX_JOBS=$MAX_JOBS"
+  echo "RFSR_CUDA_ARCHS=$RFSR_CUDA_ARCHS RFSR_KERNELS=$RFSR_KERNELS MAX_JOBS=$MAX_JOBS"
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 

@@ -1,9 +1,11 @@
 """GPU tests of the fused CUDA forward of ``rfsr::flash_rfbias`` against the float64 reference.
 
 Skipped without a CUDA device (or without the CUDA build of the extension). Budget: well under two minutes.
+Every test runs on the sm80 kernels and, on 9.x devices, also on the wgmma (sm90) kernels (fixture ``kernel_path``).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -27,6 +29,44 @@ if cuda_ok:
 
     if not _has_cuda_kernel():
         pytestmark.append(pytest.mark.skip(reason="extension built without CUDA kernels"))
+
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_path_available() -> bool:
+    """The experimental wgmma forward kernels are usable: a 9.x device and a build that has them (RFSR_KERNELS=
+    all,sm90); otherwise RFSR_FWD_PATH=sm90 raises."""
+    if not cuda_ok or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    import os
+    old = os.environ.get("RFSR_FWD_PATH")
+    os.environ["RFSR_FWD_PATH"] = "sm90"
+    try:
+        q = torch.zeros(1, 1, 1, 30, device="cuda", dtype=torch.bfloat16)
+        b = torch.zeros(1, 1, 18, device="cuda", dtype=torch.bfloat16)
+        torch.ops.rfsr.flash_rfbias_fwd(q, q, q, b, b, 1.0)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+    finally:
+        if old is None:
+            del os.environ["RFSR_FWD_PATH"]
+        else:
+            os.environ["RFSR_FWD_PATH"] = old
+
+
+@pytest.fixture(autouse=True, params=["sm80", "sm90"])
+def kernel_path(request, monkeypatch):
+    """Every test runs on the default (sm80) kernels and, where they are built and the device is 9.x, on the
+    experimental wgmma kernels (RFSR_FWD_PATH=sm90), so both paths meet the same checks."""
+    if request.param == "sm90":
+        if not _sm90_path_available():
+            pytest.skip("the wgmma (sm90) path needs a 9.x device and a build with RFSR_KERNELS=all,sm90")
+        monkeypatch.setenv("RFSR_FWD_PATH", "sm90")
+    else:
+        monkeypatch.delenv("RFSR_FWD_PATH", raising=False)
+    return request.param
+
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
 LSE_TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2}  # max abs error of the natural-log lse

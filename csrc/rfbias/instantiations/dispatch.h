@@ -40,12 +40,45 @@ __attribute__((weak)) cudaError_t rfbias_fwd_dqk192_dv128_fp16_sm80(const Rfbias
 __attribute__((weak)) cudaError_t rfbias_fwd_dqk192_dv128_bf16_sm80(const RfbiasFwdParams& params, cudaStream_t stream);
 __attribute__((weak)) cudaError_t rfbias_fwd_dqk256_dv128_fp16_sm80(const RfbiasFwdParams& params, cudaStream_t stream);
 __attribute__((weak)) cudaError_t rfbias_fwd_dqk256_dv128_bf16_sm80(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk32_dv16_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk32_dv16_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk48_dv16_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk48_dv16_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk64_dv16_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk64_dv16_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk32_dv32_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk32_dv32_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk48_dv32_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk48_dv32_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk64_dv32_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk64_dv32_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk96_dv32_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk96_dv32_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk128_dv32_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk128_dv32_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk160_dv32_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk160_dv32_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk64_dv64_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk64_dv64_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk96_dv64_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk96_dv64_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk128_dv64_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk128_dv64_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk192_dv64_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk192_dv64_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk128_dv128_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk128_dv128_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk192_dv128_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk192_dv128_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk256_dv128_fp16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
+__attribute__((weak)) cudaError_t rfbias_fwd_dqk256_dv128_bf16_sm90(const RfbiasFwdParams& params, cudaStream_t stream);
 
 struct RfbiasFwdKernel {
   RfbiasDtype dtype;
   int dqk;       // packed [q | bias_q] width
   int dv;        // v / out width
   int min_arch;  // compute capability x10
+  int max_arch;  // highest compute capability x10 it runs on (0: no bound)
   cudaError_t (*run)(const RfbiasFwdParams&, cudaStream_t);
   const char* name;
 };
@@ -53,38 +86,70 @@ struct RfbiasFwdKernel {
 // All kernels of the list; entries whose kernel was not compiled have run == nullptr.
 inline const RfbiasFwdKernel* rfbias_fwd_kernels(int* count) {
   static const RfbiasFwdKernel kTable[] = {
-      {RfbiasDtype::kFloat16, 32, 16, 80, &rfbias_fwd_dqk32_dv16_fp16_sm80, "rfbias_fwd_dqk32_dv16_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 32, 16, 80, &rfbias_fwd_dqk32_dv16_bf16_sm80, "rfbias_fwd_dqk32_dv16_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 48, 16, 80, &rfbias_fwd_dqk48_dv16_fp16_sm80, "rfbias_fwd_dqk48_dv16_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 48, 16, 80, &rfbias_fwd_dqk48_dv16_bf16_sm80, "rfbias_fwd_dqk48_dv16_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 64, 16, 80, &rfbias_fwd_dqk64_dv16_fp16_sm80, "rfbias_fwd_dqk64_dv16_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 64, 16, 80, &rfbias_fwd_dqk64_dv16_bf16_sm80, "rfbias_fwd_dqk64_dv16_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 32, 32, 80, &rfbias_fwd_dqk32_dv32_fp16_sm80, "rfbias_fwd_dqk32_dv32_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 32, 32, 80, &rfbias_fwd_dqk32_dv32_bf16_sm80, "rfbias_fwd_dqk32_dv32_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 48, 32, 80, &rfbias_fwd_dqk48_dv32_fp16_sm80, "rfbias_fwd_dqk48_dv32_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 48, 32, 80, &rfbias_fwd_dqk48_dv32_bf16_sm80, "rfbias_fwd_dqk48_dv32_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 64, 32, 80, &rfbias_fwd_dqk64_dv32_fp16_sm80, "rfbias_fwd_dqk64_dv32_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 64, 32, 80, &rfbias_fwd_dqk64_dv32_bf16_sm80, "rfbias_fwd_dqk64_dv32_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 96, 32, 80, &rfbias_fwd_dqk96_dv32_fp16_sm80, "rfbias_fwd_dqk96_dv32_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 96, 32, 80, &rfbias_fwd_dqk96_dv32_bf16_sm80, "rfbias_fwd_dqk96_dv32_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 128, 32, 80, &rfbias_fwd_dqk128_dv32_fp16_sm80, "rfbias_fwd_dqk128_dv32_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 128, 32, 80, &rfbias_fwd_dqk128_dv32_bf16_sm80, "rfbias_fwd_dqk128_dv32_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 160, 32, 80, &rfbias_fwd_dqk160_dv32_fp16_sm80, "rfbias_fwd_dqk160_dv32_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 160, 32, 80, &rfbias_fwd_dqk160_dv32_bf16_sm80, "rfbias_fwd_dqk160_dv32_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 64, 64, 80, &rfbias_fwd_dqk64_dv64_fp16_sm80, "rfbias_fwd_dqk64_dv64_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 64, 64, 80, &rfbias_fwd_dqk64_dv64_bf16_sm80, "rfbias_fwd_dqk64_dv64_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 96, 64, 80, &rfbias_fwd_dqk96_dv64_fp16_sm80, "rfbias_fwd_dqk96_dv64_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 96, 64, 80, &rfbias_fwd_dqk96_dv64_bf16_sm80, "rfbias_fwd_dqk96_dv64_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 128, 64, 80, &rfbias_fwd_dqk128_dv64_fp16_sm80, "rfbias_fwd_dqk128_dv64_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 128, 64, 80, &rfbias_fwd_dqk128_dv64_bf16_sm80, "rfbias_fwd_dqk128_dv64_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 192, 64, 80, &rfbias_fwd_dqk192_dv64_fp16_sm80, "rfbias_fwd_dqk192_dv64_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 192, 64, 80, &rfbias_fwd_dqk192_dv64_bf16_sm80, "rfbias_fwd_dqk192_dv64_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 128, 128, 80, &rfbias_fwd_dqk128_dv128_fp16_sm80, "rfbias_fwd_dqk128_dv128_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 128, 128, 80, &rfbias_fwd_dqk128_dv128_bf16_sm80, "rfbias_fwd_dqk128_dv128_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 192, 128, 80, &rfbias_fwd_dqk192_dv128_fp16_sm80, "rfbias_fwd_dqk192_dv128_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 192, 128, 80, &rfbias_fwd_dqk192_dv128_bf16_sm80, "rfbias_fwd_dqk192_dv128_bf16_sm80"},
-      {RfbiasDtype::kFloat16, 256, 128, 80, &rfbias_fwd_dqk256_dv128_fp16_sm80, "rfbias_fwd_dqk256_dv128_fp16_sm80"},
-      {RfbiasDtype::kBFloat16, 256, 128, 80, &rfbias_fwd_dqk256_dv128_bf16_sm80, "rfbias_fwd_dqk256_dv128_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 32, 16, 80, 0, &rfbias_fwd_dqk32_dv16_fp16_sm80, "rfbias_fwd_dqk32_dv16_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 32, 16, 80, 0, &rfbias_fwd_dqk32_dv16_bf16_sm80, "rfbias_fwd_dqk32_dv16_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 48, 16, 80, 0, &rfbias_fwd_dqk48_dv16_fp16_sm80, "rfbias_fwd_dqk48_dv16_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 48, 16, 80, 0, &rfbias_fwd_dqk48_dv16_bf16_sm80, "rfbias_fwd_dqk48_dv16_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 64, 16, 80, 0, &rfbias_fwd_dqk64_dv16_fp16_sm80, "rfbias_fwd_dqk64_dv16_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 64, 16, 80, 0, &rfbias_fwd_dqk64_dv16_bf16_sm80, "rfbias_fwd_dqk64_dv16_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 32, 32, 80, 0, &rfbias_fwd_dqk32_dv32_fp16_sm80, "rfbias_fwd_dqk32_dv32_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 32, 32, 80, 0, &rfbias_fwd_dqk32_dv32_bf16_sm80, "rfbias_fwd_dqk32_dv32_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 48, 32, 80, 0, &rfbias_fwd_dqk48_dv32_fp16_sm80, "rfbias_fwd_dqk48_dv32_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 48, 32, 80, 0, &rfbias_fwd_dqk48_dv32_bf16_sm80, "rfbias_fwd_dqk48_dv32_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 64, 32, 80, 0, &rfbias_fwd_dqk64_dv32_fp16_sm80, "rfbias_fwd_dqk64_dv32_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 64, 32, 80, 0, &rfbias_fwd_dqk64_dv32_bf16_sm80, "rfbias_fwd_dqk64_dv32_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 96, 32, 80, 0, &rfbias_fwd_dqk96_dv32_fp16_sm80, "rfbias_fwd_dqk96_dv32_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 96, 32, 80, 0, &rfbias_fwd_dqk96_dv32_bf16_sm80, "rfbias_fwd_dqk96_dv32_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 128, 32, 80, 0, &rfbias_fwd_dqk128_dv32_fp16_sm80, "rfbias_fwd_dqk128_dv32_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 128, 32, 80, 0, &rfbias_fwd_dqk128_dv32_bf16_sm80, "rfbias_fwd_dqk128_dv32_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 160, 32, 80, 0, &rfbias_fwd_dqk160_dv32_fp16_sm80, "rfbias_fwd_dqk160_dv32_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 160, 32, 80, 0, &rfbias_fwd_dqk160_dv32_bf16_sm80, "rfbias_fwd_dqk160_dv32_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 64, 64, 80, 0, &rfbias_fwd_dqk64_dv64_fp16_sm80, "rfbias_fwd_dqk64_dv64_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 64, 64, 80, 0, &rfbias_fwd_dqk64_dv64_bf16_sm80, "rfbias_fwd_dqk64_dv64_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 96, 64, 80, 0, &rfbias_fwd_dqk96_dv64_fp16_sm80, "rfbias_fwd_dqk96_dv64_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 96, 64, 80, 0, &rfbias_fwd_dqk96_dv64_bf16_sm80, "rfbias_fwd_dqk96_dv64_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 128, 64, 80, 0, &rfbias_fwd_dqk128_dv64_fp16_sm80, "rfbias_fwd_dqk128_dv64_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 128, 64, 80, 0, &rfbias_fwd_dqk128_dv64_bf16_sm80, "rfbias_fwd_dqk128_dv64_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 192, 64, 80, 0, &rfbias_fwd_dqk192_dv64_fp16_sm80, "rfbias_fwd_dqk192_dv64_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 192, 64, 80, 0, &rfbias_fwd_dqk192_dv64_bf16_sm80, "rfbias_fwd_dqk192_dv64_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 128, 128, 80, 0, &rfbias_fwd_dqk128_dv128_fp16_sm80, "rfbias_fwd_dqk128_dv128_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 128, 128, 80, 0, &rfbias_fwd_dqk128_dv128_bf16_sm80, "rfbias_fwd_dqk128_dv128_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 192, 128, 80, 0, &rfbias_fwd_dqk192_dv128_fp16_sm80, "rfbias_fwd_dqk192_dv128_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 192, 128, 80, 0, &rfbias_fwd_dqk192_dv128_bf16_sm80, "rfbias_fwd_dqk192_dv128_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 256, 128, 80, 0, &rfbias_fwd_dqk256_dv128_fp16_sm80, "rfbias_fwd_dqk256_dv128_fp16_sm80"},
+      {RfbiasDtype::kBFloat16, 256, 128, 80, 0, &rfbias_fwd_dqk256_dv128_bf16_sm80, "rfbias_fwd_dqk256_dv128_bf16_sm80"},
+      {RfbiasDtype::kFloat16, 32, 16, 90, 90, &rfbias_fwd_dqk32_dv16_fp16_sm90, "rfbias_fwd_dqk32_dv16_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 32, 16, 90, 90, &rfbias_fwd_dqk32_dv16_bf16_sm90, "rfbias_fwd_dqk32_dv16_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 48, 16, 90, 90, &rfbias_fwd_dqk48_dv16_fp16_sm90, "rfbias_fwd_dqk48_dv16_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 48, 16, 90, 90, &rfbias_fwd_dqk48_dv16_bf16_sm90, "rfbias_fwd_dqk48_dv16_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 64, 16, 90, 90, &rfbias_fwd_dqk64_dv16_fp16_sm90, "rfbias_fwd_dqk64_dv16_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 64, 16, 90, 90, &rfbias_fwd_dqk64_dv16_bf16_sm90, "rfbias_fwd_dqk64_dv16_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 32, 32, 90, 90, &rfbias_fwd_dqk32_dv32_fp16_sm90, "rfbias_fwd_dqk32_dv32_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 32, 32, 90, 90, &rfbias_fwd_dqk32_dv32_bf16_sm90, "rfbias_fwd_dqk32_dv32_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 48, 32, 90, 90, &rfbias_fwd_dqk48_dv32_fp16_sm90, "rfbias_fwd_dqk48_dv32_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 48, 32, 90, 90, &rfbias_fwd_dqk48_dv32_bf16_sm90, "rfbias_fwd_dqk48_dv32_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 64, 32, 90, 90, &rfbias_fwd_dqk64_dv32_fp16_sm90, "rfbias_fwd_dqk64_dv32_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 64, 32, 90, 90, &rfbias_fwd_dqk64_dv32_bf16_sm90, "rfbias_fwd_dqk64_dv32_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 96, 32, 90, 90, &rfbias_fwd_dqk96_dv32_fp16_sm90, "rfbias_fwd_dqk96_dv32_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 96, 32, 90, 90, &rfbias_fwd_dqk96_dv32_bf16_sm90, "rfbias_fwd_dqk96_dv32_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 128, 32, 90, 90, &rfbias_fwd_dqk128_dv32_fp16_sm90, "rfbias_fwd_dqk128_dv32_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 128, 32, 90, 90, &rfbias_fwd_dqk128_dv32_bf16_sm90, "rfbias_fwd_dqk128_dv32_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 160, 32, 90, 90, &rfbias_fwd_dqk160_dv32_fp16_sm90, "rfbias_fwd_dqk160_dv32_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 160, 32, 90, 90, &rfbias_fwd_dqk160_dv32_bf16_sm90, "rfbias_fwd_dqk160_dv32_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 64, 64, 90, 90, &rfbias_fwd_dqk64_dv64_fp16_sm90, "rfbias_fwd_dqk64_dv64_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 64, 64, 90, 90, &rfbias_fwd_dqk64_dv64_bf16_sm90, "rfbias_fwd_dqk64_dv64_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 96, 64, 90, 90, &rfbias_fwd_dqk96_dv64_fp16_sm90, "rfbias_fwd_dqk96_dv64_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 96, 64, 90, 90, &rfbias_fwd_dqk96_dv64_bf16_sm90, "rfbias_fwd_dqk96_dv64_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 128, 64, 90, 90, &rfbias_fwd_dqk128_dv64_fp16_sm90, "rfbias_fwd_dqk128_dv64_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 128, 64, 90, 90, &rfbias_fwd_dqk128_dv64_bf16_sm90, "rfbias_fwd_dqk128_dv64_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 192, 64, 90, 90, &rfbias_fwd_dqk192_dv64_fp16_sm90, "rfbias_fwd_dqk192_dv64_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 192, 64, 90, 90, &rfbias_fwd_dqk192_dv64_bf16_sm90, "rfbias_fwd_dqk192_dv64_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 128, 128, 90, 90, &rfbias_fwd_dqk128_dv128_fp16_sm90, "rfbias_fwd_dqk128_dv128_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 128, 128, 90, 90, &rfbias_fwd_dqk128_dv128_bf16_sm90, "rfbias_fwd_dqk128_dv128_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 192, 128, 90, 90, &rfbias_fwd_dqk192_dv128_fp16_sm90, "rfbias_fwd_dqk192_dv128_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 192, 128, 90, 90, &rfbias_fwd_dqk192_dv128_bf16_sm90, "rfbias_fwd_dqk192_dv128_bf16_sm90"},
+      {RfbiasDtype::kFloat16, 256, 128, 90, 90, &rfbias_fwd_dqk256_dv128_fp16_sm90, "rfbias_fwd_dqk256_dv128_fp16_sm90"},
+      {RfbiasDtype::kBFloat16, 256, 128, 90, 90, &rfbias_fwd_dqk256_dv128_bf16_sm90, "rfbias_fwd_dqk256_dv128_bf16_sm90"},
   };
   *count = int(sizeof(kTable) / sizeof(kTable[0]));
   return kTable;
