@@ -1,26 +1,37 @@
-"""Whole-model benchmark (issue 8): SST and SST-light ×4 with the fused RIB attention against the concat route.
+"""Whole-model benchmark (issue 8): SST and SST-light ×4, the fused fast path against the paper's concat route.
 
-One GPU, one process, random init (speed does not depend on the weights). For every model, task and precision the
-two attention backends run back to back on a freshly built model with the same seed:
-  fused    attn_backend='fused'   torch.ops.rfsr.flash_rfbias (bias fused, no concatenation)
-  concat   attn_backend='concat'  the paper's route in the same model: [q·s | Bq], [k | Bk], [v | 0] + SDPA
+One GPU, one process, random init (speed does not depend on the weights). Every row builds a fresh model with the
+same seed, so rows of one (model, task) compute the same function and their outputs are compared.
+Rows (--rows, comma-separated backend:precision[:mode]; default below, in this order):
+  concat:fp32         the paper's route ([q·s | Bq], [k | Bk], [v | 0] + SDPA) in a float32 model, as the
+                      official code runs (its attention in bf16 on CUDA, rfsr_cuda.nn.attention.op_dtype)
+  concat:bf16         the same route in bf16 (see precisions)
+  fused:bf16          the fast path: torch.ops.rfsr.flash_rfbias (bias fused, no concatenation) in bf16
+  fused:bf16:compile  the same through torch.compile(fullgraph=True, dynamic=False)      (added by --compile)
+  fused:bf16:graph    the eager fast path replayed from one CUDA graph (inference only)  (added by --cuda-graph)
+Precisions:
+  fp32   float32 model, no autocast (TF32 GEMMs/convs unless --no-tf32)
+  bf16   inference: SST.prepare_inference(torch.bfloat16): bf16 weights and activations, channels-last, float32
+         RIB factors computed once (cached) and float32 statistics inside LayerNorm/softmax; float32 image in/out.
+         training: float32 weights under torch.autocast(bfloat16), as rfsr_cuda/train/loop.py trains
+  amp    float32 weights under torch.autocast(bfloat16) for inference too (how the Upscaler runs a model)
 Tasks (LR sizes; scale 4):
-  infer_720p    1 × 180×320 → 720×1280, torch.inference_mode, model.eval()
+  infer_720p    1 × 180×320 → 720×1280, torch.inference_mode, eval
   infer_1080p   1 × 270×480 → 1080×1920, the same
-  train_step    4 × 96² LR patches → 384² HR: bf16 autocast forward, L1 on the float32 output, backward, AdamW step
-                (zero_grad, forward, loss, backward, step: as rfsr_cuda/train/loop.py does it, without EMA/scheduler)
-Precisions (--precisions, default bf16):
-  bf16   float32 weights under torch.autocast(device, bfloat16) (the training loop's AMP; attention in bf16)
-  fp32   float32 model, no autocast; on CUDA the attention still runs in bf16 (op_dtype), as the official code does
+  train_step    4 × 96² LR patches → 384² HR: forward, L1 on the float32 output, backward, AdamW step (zero_grad,
+                forward, loss, backward, step: as the training loop does it, without EMA/scheduler)
 Per row: median ms over CUDA-event timings after warm-up (CPU: perf_counter), frames/s (inference) or LR patches/s
-(training), peak memory (torch.cuda.max_memory_allocated after reset_peak_memory_stats, absolute: it includes the
-weights, and for training the gradients and AdamW state; peak_extra_mib subtracts what was allocated before the
-timed calls). Each row runs in its own try/except (an OOM is recorded as the row's error) and the JSON is rewritten
-after every row. A short table of fused/concat ratios and the official SST numbers (H200) is printed last.
+(training), peak memory (torch.cuda.max_memory_allocated after reset_peak_memory_stats, absolute: weights included,
+and for training the gradients and AdamW state; peak_extra_mib subtracts what was allocated before the timed
+calls), compile_s (first call of a compiled row), and for inference the relative L2 distance of the output from the
+concat:fp32 row's (rel_l2_vs_fp32). Fused rows get speedups over both concat rows. Each row runs in its own
+try/except (an OOM is recorded as the row's error) and the JSON is rewritten after every row. A table with the
+official SST numbers (H200) and the issue's targets (SST infer_720p <= 33 ms; a fused training step <= 1/2 the
+concat one) is printed last.
 
-    python benchmarks/bench_model.py [--out DIR|FILE.json] [--models sst,sst_light] [--backends fused,concat]
-        [--tasks infer_720p,infer_1080p,train_step] [--precisions bf16[,fp32]] [--also-fp32] [--iters N]
-        [--warmup N] [--device cuda|cpu] [--small]
+    python benchmarks/bench_model.py [--out DIR|FILE.json] [--models sst,sst_light] [--tasks ...] [--rows ...]
+        [--compile] [--compile-mode MODE] [--cuda-graph] [--backends ...] [--precisions ...] [--iters N]
+        [--warmup N] [--budget-s S] [--device cuda|cpu] [--small] [--no-tf32]
 Writes DIR/bench_model-<device-slug>-<date>[-small].json (default DIR benchmarks/results). --small (tiny inputs,
 n_blocks=1, windows capped at 16) runs in seconds on the CPU and checks the plumbing only: on the CPU the 'fused'
 backend runs ATen kernels, not the CUDA one. Exit status 1 when any row failed (the JSON still has the others).
@@ -28,6 +39,7 @@ backend runs ATen kernels, not the CUDA one. Exit status 1 when any row failed (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -57,10 +69,19 @@ SMALL_TASKS = {
 }
 SMALL_MAX_WINDOW = 16  # --small: windows capped so the tiny inputs need little padding (min side 9)
 PRECISIONS = {
-    "bf16": "float32 weights under torch.autocast(device_type, dtype=torch.bfloat16); attention in bf16",
     "fp32": "float32 model without autocast; on CUDA the attention runs in bf16 (rfsr_cuda.nn.attention.op_dtype), "
             "as the official code does for float32 models; on the CPU it stays float32",
+    "bf16": "inference: SST.prepare_inference(torch.bfloat16) (bf16 weights and activations, channels-last, float32 "
+            "RIB factors cast once, float32 image in and out); training: float32 weights under "
+            "torch.autocast(bfloat16), as rfsr_cuda/train/loop.py",
+    "amp": "float32 weights under torch.autocast(device_type, dtype=torch.bfloat16), inference and training",
 }
+MODES = {
+    "eager": "plain PyTorch",
+    "compile": "torch.compile(model, fullgraph=True, dynamic=False, mode=--compile-mode); compile_s is the first call",
+    "graph": "rfsr_cuda.models.CUDAGraphForward: the eager forward captured once and replayed (CUDA, inference)",
+}
+DEFAULT_ROWS = ["concat:fp32", "concat:bf16", "fused:bf16"]
 # Official SST numbers (RIB attention, measured on an H200 with the official implementation):
 # x4 inference 180×320 → 720×1280 and one training step on 4 × 96² LR patches. Their precision is the official
 # code's (float32 model, bf16 attention).
@@ -70,6 +91,7 @@ ANCHORS = {
     "sst_light": {"params_m": 0.909, "infer_720p": {"ms": 56.4, "mib": 229},
                   "train_step": {"ms": 160.4, "mib": 4351}},
 }
+TARGETS = {"infer_720p_ms": {"sst": 33.0}, "train_step_fused_over_concat": 0.5}
 
 
 # --- timing ---------------------------------------------------------------------------------------------------
@@ -104,6 +126,21 @@ def mib(n_bytes):
 
 # --- one row --------------------------------------------------------------------------------------------------
 
+def parse_row(spec: str) -> tuple[str, str, str]:
+    parts = spec.split(":")
+    if len(parts) == 2:
+        parts.append("eager")
+    if len(parts) != 3 or parts[0] not in ("fused", "concat", "reference") or parts[1] not in PRECISIONS \
+            or parts[2] not in MODES:
+        raise SystemExit(f"bad row {spec!r}: backend:precision[:mode] with backend fused|concat|reference, "
+                         f"precision {'|'.join(PRECISIONS)}, mode {'|'.join(MODES)}")
+    return parts[0], parts[1], parts[2]
+
+
+def row_name(backend, precision, mode):
+    return f"{backend}:{precision}" + ("" if mode == "eager" else f":{mode}")
+
+
 def build_model(preset, backend, device, small, seed=0):
     from rfsr_cuda.models import create_model, get_config
 
@@ -116,12 +153,15 @@ def build_model(preset, backend, device, small, seed=0):
     return model.to(device)
 
 
-def run_row(preset, backend, task, precision, a, device, tasks):
-    """Measure one (model, backend, task, precision); returns the row's measured fields (raises on failure)."""
+def run_row(preset, backend, precision, mode, task, a, device, tasks):
+    """Measure one row; returns ``(fields, output)`` (raises on failure)."""
     kind, batch, h, w = tasks[task]
+    if mode == "graph" and (kind != "infer" or device.type != "cuda"):
+        raise ValueError("CUDA-graph rows are for inference on CUDA")
+    amp = precision == "amp" or (precision == "bf16" and kind == "train")
 
     def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 
     model = build_model(preset, backend, device, a.small)
     out = {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3)}
@@ -130,25 +170,43 @@ def run_row(preset, backend, task, precision, a, device, tasks):
     warm = a.warmup
     if kind == "infer":
         model.eval()
+        if precision == "bf16":
+            model.prepare_inference(torch.bfloat16)
+        if mode == "graph":
+            from rfsr_cuda.models import CUDAGraphForward
+
+            with autocast():  # captured with the autocast state of the row
+                net = CUDAGraphForward(model, lr)
+        elif mode == "compile":
+            net = torch.compile(model, fullgraph=True, dynamic=False, mode=a.compile_mode)
+        else:
+            net = model
 
         def step():
             with torch.inference_mode(), autocast():
-                return model(lr)
+                return net(lr)
     else:
         model.train()
         hr = torch.rand(batch, 3, SCALE * h, SCALE * w, device=device, generator=g)
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.9), weight_decay=0.0)
+        net = torch.compile(model, fullgraph=True, dynamic=False, mode=a.compile_mode) if mode == "compile" \
+            else model
         warm = max(warm, 1)  # the first step allocates the AdamW state
 
         def step():
             with autocast():
-                sr = model(lr)
+                sr = net(lr)
             loss = F.l1_loss(sr.float(), hr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             return sr.detach()
 
+    if mode == "compile":  # the first call compiles: timed on its own, outside the warm-up
+        t = time.perf_counter()
+        step()
+        sync(device)
+        out["compile_s"] = round(time.perf_counter() - t, 2)
     # warm-up outside the memory window, then peak over the timed calls (steady state)
     for _ in range(warm):
         step()
@@ -163,15 +221,15 @@ def run_row(preset, backend, task, precision, a, device, tasks):
                    reserved_mib=mib(torch.cuda.max_memory_reserved(device)))
     else:
         out.update(peak_mib=None)
-    y = step()
+    y = step().float()
     sync(device)
     ms = statistics.median(times)
     out.update(ms=round(ms, 3), ms_min=round(min(times), 3), ms_max=round(max(times), 3), n_timed=len(times),
                fps=round(batch * 1e3 / ms, 3), output=f"{batch}x3x{SCALE * h}x{SCALE * w}",
-               output_finite=bool(torch.isfinite(y).all()), output_absmean=round(float(y.float().abs().mean()), 6))
+               output_finite=bool(torch.isfinite(y).all()), output_absmean=round(float(y.abs().mean()), 6))
     if list(y.shape) != [batch, 3, SCALE * h, SCALE * w]:
         raise RuntimeError(f"output shape {list(y.shape)} != {[batch, 3, SCALE * h, SCALE * w]}")
-    return out
+    return out, (y.cpu() if kind == "infer" else None)
 
 
 # --- output ---------------------------------------------------------------------------------------------------
@@ -184,20 +242,39 @@ def device_slug(device: torch.device) -> str:
     return tokens[0] if tokens else "cuda"  # "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100
 
 
-def key(r):
-    return r["model"], r["task"], r["precision"]
-
-
 def add_ratios(res):
-    by = {(*key(r), r["backend"]): r for r in res["rows"]}
+    """Speedups of every non-concat row over the eager concat rows of its (model, task), and target checks."""
+    by = {(r["model"], r["task"], r["row"]): r for r in res["rows"]}
     for r in res["rows"]:
-        if r["backend"] != "fused":
+        if r["backend"] == "concat" or not r.get("ms"):
             continue
-        c = by.get((*key(r), "concat"))
-        if c and r.get("ms") and c.get("ms"):
-            r["fused_over_concat_ms"] = round(r["ms"] / c["ms"], 3)
-        if c and r.get("peak_mib") and c.get("peak_mib"):
-            r["fused_over_concat_mib"] = round(r["peak_mib"] / c["peak_mib"], 3)
+        for base in ("concat:fp32", "concat:bf16"):
+            c = by.get((r["model"], r["task"], base))
+            if c and c.get("ms"):
+                r[f"speedup_vs_{base.replace(':', '_')}"] = round(c["ms"] / r["ms"], 3)
+                if r.get("peak_mib") and c.get("peak_mib"):
+                    r[f"mib_over_{base.replace(':', '_')}"] = round(r["peak_mib"] / c["peak_mib"], 3)
+    checks = {}
+    for preset, limit in TARGETS["infer_720p_ms"].items():
+        fused = [r for r in res["rows"] if r["model"] == preset and r["task"] == "infer_720p"
+                 and r["backend"] == "fused" and r.get("ms")]
+        if fused:
+            best = min(fused, key=lambda r: r["ms"])
+            checks[f"{preset}_infer_720p_ms"] = {"best": best["ms"], "row": best["row"], "target": limit,
+                                                 "met": best["ms"] <= limit}
+    for preset in MODELS:
+        fused = [r for r in res["rows"] if r["model"] == preset and r["task"] == "train_step"
+                 and r["backend"] == "fused" and r.get("ms")]
+        concat = [r for r in res["rows"] if r["model"] == preset and r["task"] == "train_step"
+                  and r["backend"] == "concat" and r.get("ms")]
+        if fused and concat:
+            best, base = min(fused, key=lambda r: r["ms"]), min(concat, key=lambda r: r["ms"])
+            ratio = round(best["ms"] / base["ms"], 3)
+            checks[f"{preset}_train_step_fused_over_concat"] = {
+                "fused": best["ms"], "fused_row": best["row"], "concat": base["ms"], "concat_row": base["row"],
+                "ratio": ratio, "target": TARGETS["train_step_fused_over_concat"],
+                "met": ratio <= TARGETS["train_step_fused_over_concat"]}
+    res["target_checks"] = checks
 
 
 def write(res, path):
@@ -217,26 +294,28 @@ def fmt(v, spec):
 
 
 def print_table(res, small):
-    by = {(*key(r), r["backend"]): r for r in res["rows"]}
-    groups = list(dict.fromkeys(key(r) for r in res["rows"]))
-    print(f"\n{res['device']}  torch {res['torch']}  precision {res['precision']}"
-          f"{'  (--small: plumbing only, not comparable)' if small else ''}")
-    print(f"{'model':<10} {'task':<12} {'prec':<5} {'fused ms':>9} {'concat ms':>9} {'f/c':>6} "
-          f"{'fused MiB':>9} {'concat MiB':>10} {'f/c':>6}   official(H200) ms / MiB")
-    for g in groups:
-        f_, c_ = by.get((*g, "fused"), {}), by.get((*g, "concat"), {})
-        anchor = ANCHORS.get(g[0], {}).get(g[1]) if not small else None
-        anc = f"{anchor['ms']:.1f} / {anchor['mib']}" if anchor else "-"
-        print(f"{g[0]:<10} {g[1]:<12} {g[2]:<5} {fmt(f_.get('ms'), '>9.2f')} {fmt(c_.get('ms'), '>9.2f')} "
-              f"{fmt(f_.get('fused_over_concat_ms'), '>6.3f')} {fmt(f_.get('peak_mib'), '>9.1f')} "
-              f"{fmt(c_.get('peak_mib'), '>10.1f')} {fmt(f_.get('fused_over_concat_mib'), '>6.3f')}   {anc}")
-    others = [r for r in res["rows"] if r["backend"] not in ("fused", "concat")]
-    for r in others:
-        print(f"{r['model']:<10} {r['task']:<12} {r['precision']:<5} {r['backend']}: {fmt(r.get('ms'), '.2f')} ms, "
-              f"{fmt(r.get('peak_mib'), '.1f')} MiB")
+    print(f"\n{res['device']}  torch {res['torch']}{'  (--small: plumbing only, not comparable)' if small else ''}")
+    print(f"{'model':<10} {'task':<12} {'row':<22} {'ms':>9} {'fps':>8} {'MiB':>9} {'x c:fp32':>8} {'x c:bf16':>8} "
+          f"{'rel_l2':>8} {'compile s':>9}")
+    last = None
+    for r in res["rows"]:
+        g = (r["model"], r["task"])
+        if g != last and last is not None:
+            print()
+        last = g
+        print(f"{r['model']:<10} {r['task']:<12} {r['row']:<22} {fmt(r.get('ms'), '>9.2f')} "
+              f"{fmt(r.get('fps'), '>8.2f')} {fmt(r.get('peak_mib'), '>9.1f')} "
+              f"{fmt(r.get('speedup_vs_concat_fp32'), '>8.2f')} {fmt(r.get('speedup_vs_concat_bf16'), '>8.2f')} "
+              f"{fmt(r.get('rel_l2_vs_fp32'), '>8.1e')} {fmt(r.get('compile_s'), '>9.1f')}")
+    if not small:
+        print("\nofficial SST code (H200, float32 model with bf16 attention): "
+              + "; ".join(f"{MODELS[m]} {t} {v['ms']} ms / {v['mib']} MiB"
+                          for m in MODELS for t, v in ANCHORS[m].items() if isinstance(v, dict)))
+    for k, c in res.get("target_checks", {}).items():
+        print(f"target {k}: {json.dumps(c)}")
     for r in res["rows"]:
         if r.get("error"):
-            print(f"ERROR {r['model']} {r['backend']} {r['task']} {r['precision']}: {r['error']}")
+            print(f"ERROR {r['model']} {r['task']} {r['row']}: {r['error']}")
 
 
 # --- main -----------------------------------------------------------------------------------------------------
@@ -249,14 +328,35 @@ def csv(s, allowed, what):
     return items
 
 
+def plan_rows(a) -> list[tuple[str, str, str]]:
+    specs = [x for x in (a.rows or ",".join(DEFAULT_ROWS)).split(",") if x]
+    if a.compile:
+        specs.append("fused:bf16:compile")
+    if a.cuda_graph:
+        specs.append("fused:bf16:graph")
+    rows = list(dict.fromkeys(parse_row(s) for s in specs))
+    if a.backends:
+        keep = csv(a.backends, ("fused", "concat", "reference"), "backends")
+        rows = [r for r in rows if r[0] in keep]
+    if a.precisions:
+        keep = csv(a.precisions, PRECISIONS, "precisions")
+        rows = [r for r in rows if r[1] in keep]
+    # float32 rows first: the others are compared with their outputs
+    return sorted(rows, key=lambda r: r[1] != "fp32")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="output folder, or a .json file path (default benchmarks/results)")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--backends", default=",".join(BACKENDS), help="fused, concat (and reference, slow)")
     ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--precisions", default="bf16", help="bf16 (autocast) and/or fp32 (official: bf16 attention)")
-    ap.add_argument("--also-fp32", action="store_true", help="same as --precisions bf16,fp32")
+    ap.add_argument("--rows", default=None, help=f"backend:precision[:mode],... (default {','.join(DEFAULT_ROWS)})")
+    ap.add_argument("--compile", action="store_true", help="add fused:bf16:compile rows")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode of compiled rows: default, max-autotune-no-cudagraphs, reduce-overhead")
+    ap.add_argument("--cuda-graph", action="store_true", help="add fused:bf16:graph rows (CUDA inference)")
+    ap.add_argument("--backends", default=None, help="keep only rows of these backends")
+    ap.add_argument("--precisions", default=None, help="keep only rows of these precisions")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20; --small 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per row first (default 3; --small 1)")
     ap.add_argument("--budget-s", type=float, default=60.0, help="stop timing a row after this long (>= 5 calls)")
@@ -267,10 +367,11 @@ def main(argv=None):
     a.iters = a.iters if a.iters is not None else (3 if a.small else 20)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.small else 3)
     models = csv(a.models, MODELS, "models")
-    backends = csv(a.backends, ("fused", "concat", "reference"), "backends")
     tasks_spec = SMALL_TASKS if a.small else TASKS
     tasks = csv(a.tasks, tasks_spec, "tasks")
-    precisions = csv("bf16,fp32" if a.also_fp32 else a.precisions, PRECISIONS, "precisions")
+    rows = plan_rows(a)
+    if not rows:
+        raise SystemExit("no rows left to run (check --rows/--backends/--precisions)")
 
     device = torch.device(a.device)
     if device.type == "cuda":
@@ -286,10 +387,21 @@ def main(argv=None):
         dev_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     import rfsr_cuda  # noqa: F401  (registers torch.ops.rfsr)
 
+    settings = contextlib.ExitStack()
+    if any(r[2] == "compile" for r in rows):
+        import torch._inductor.config as inductor_config
+
+        # Inductor's layout optimisation hands saved 4-D activations to the backward graph channels-last, and
+        # flash_rfbias_bwd rejects an ``out`` without a unit last-dim stride; the model is channels-last already.
+        settings.enter_context(inductor_config.patch(layout_optimization=False))
+
     now = _dt.datetime.now(_dt.timezone.utc)
     res = {"device": dev_name, "device_slug": device_slug(device), "torch": torch.__version__,
            "cuda": torch.version.cuda, "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "precision": ",".join(precisions), "precision_notes": {p: PRECISIONS[p] for p in precisions},
+           "rows_planned": [row_name(*r) for r in rows],
+           "precision_notes": {p: PRECISIONS[p] for p in sorted({r[1] for r in rows})},
+           "mode_notes": {m: MODES[m] for m in sorted({r[2] for r in rows})}, "compile_mode": a.compile_mode,
+           "inductor_layout_optimization": False if any(r[2] == "compile" for r in rows) else None,
            "tf32": device.type == "cuda" and not a.no_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark,
            "scale": SCALE, "small": a.small, "iters": a.iters, "warmup": a.warmup,
            "tasks": {t: dict(zip(("kind", "batch", "lr_h", "lr_w"), tasks_spec[t])) for t in tasks},
@@ -298,7 +410,8 @@ def main(argv=None):
            "memory": "peak_mib = torch.cuda.max_memory_allocated over the timed calls after reset_peak_memory_stats "
                      "(absolute: weights, inputs, and for train_step gradients + AdamW state); base_mib = allocated "
                      "before them; peak_extra_mib = the difference",
-           "anchors": ANCHORS, "rows": []}
+           "rel_l2": "||y - y_concat_fp32|| / ||y_concat_fp32|| on the same input and weights (inference rows)",
+           "anchors": ANCHORS, "targets": TARGETS, "rows": []}
     out_dir = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     if out_dir.endswith(".json"):
         out_path = out_dir
@@ -309,33 +422,47 @@ def main(argv=None):
                                          f"{'-small' if a.small else ''}.json")
     print(f"{dev_name}  torch {torch.__version__}  -> {out_path}", flush=True)
 
-    for preset in models:
-        for task in tasks:
-            kind, batch, h, w = tasks_spec[task]
-            for precision in precisions:
-                for backend in backends:
-                    row = {"model": preset, "model_name": MODELS[preset], "backend": backend, "task": task,
-                           "precision": precision, "input": f"{batch}x3x{h}x{w}",
-                           "output": f"{batch}x3x{SCALE * h}x{SCALE * w}", "ms": None, "fps": None,
-                           "peak_mib": None}
-                    t0 = time.perf_counter()
-                    try:
-                        row.update(run_row(preset, backend, task, precision, a, device, tasks_spec))
-                    except Exception as e:  # noqa: BLE001  (an OOM or a kernel error must not lose the run)
-                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    row["wall_s"] = round(time.perf_counter() - t0, 2)
-                    gc.collect()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    res["rows"].append(row)
-                    write(res, out_path)  # after every row, so a run cut short still leaves its rows
-                    print(json.dumps({k: row.get(k) for k in ("model", "backend", "task", "precision", "ms", "fps",
-                                                              "peak_mib", "error")}), flush=True)
-
+    with settings:
+        run_all(res, rows, models, tasks, tasks_spec, a, device, out_path)
     write(res, out_path)
     print_table(res, a.small)
     print(f"wrote {out_path}")
     return 1 if any(r.get("error") for r in res["rows"]) else 0
+
+
+def run_all(res, rows, models, tasks, tasks_spec, a, device, out_path):
+    for preset in models:
+        for task in tasks:
+            kind, batch, h, w = tasks_spec[task]
+            reference = None  # the concat:fp32 output of this (model, task)
+            for backend, precision, mode in rows:
+                if mode == "graph" and kind != "infer":
+                    continue
+                row = {"model": preset, "model_name": MODELS[preset], "task": task,
+                       "row": row_name(backend, precision, mode), "backend": backend, "precision": precision,
+                       "mode": mode, "input": f"{batch}x3x{h}x{w}", "output": f"{batch}x3x{SCALE * h}x{SCALE * w}",
+                       "ms": None, "fps": None, "peak_mib": None}
+                t0 = time.perf_counter()
+                try:
+                    fields, y = run_row(preset, backend, precision, mode, task, a, device, tasks_spec)
+                    row.update(fields)
+                    if y is not None:
+                        if (backend, precision, mode) == ("concat", "fp32", "eager"):
+                            reference = y
+                        if reference is not None:
+                            row["rel_l2_vs_fp32"] = float(f"{float((y - reference).norm() / reference.norm()):.3e}")
+                except Exception as e:  # noqa: BLE001  (an OOM or a kernel error must not lose the run)
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                row["wall_s"] = round(time.perf_counter() - t0, 2)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if mode == "compile":
+                    torch._dynamo.reset()  # the compiled graphs of this row hold its weights
+                res["rows"].append(row)
+                write(res, out_path)  # after every row, so a run cut short still leaves its rows
+                print(json.dumps({k: row.get(k) for k in ("model", "task", "row", "ms", "fps", "peak_mib",
+                                                          "rel_l2_vs_fp32", "compile_s", "error")}), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..nn import LayerNorm2d, SSTBlock, SSTLayer, Upsampler, rib_cache_verified
+from ..nn import ConvFFN, LayerNorm2d, SSTBlock, Upsampler
 from ..nn import set_attn_backend as _set_attn_backend
 from ..nn.attention import check_attn_backend, check_gate_type
 from ..nn.layers import check_upsampler
@@ -161,6 +161,36 @@ class SST(nn.Module):
         self.config = self.config.replace(attn_backend=name)
         return self
 
+    def prepare_inference(self, dtype: torch.dtype = torch.bfloat16) -> "SST":
+        """Set the model up for fast inference and return it: eval mode, no gradients, the weights of every conv
+        and LayerNorm in ``dtype`` (bf16 by default; the convs channels-last, the layout the activations use), the
+        FFN hidden widths zero-padded to multiples of 8 (``ConvFFN.pad_hidden``, exact).
+
+        The RIB parameters stay float32: their factors are computed in float32 once and cached in the attention
+        dtype. Activations then run in ``dtype`` end to end, with float32 inside the kernels where it matters
+        (LayerNorm statistics, the softmax and its sums in the attention op, GEMM accumulation); the input is cast
+        on entry, and the nearest-neighbour skip of the LR image is added in the input's dtype, so a float32 image
+        gets a float32 output. This changes the parameters in place: for training or saving, build or load the
+        model again (the padded FFN weights no longer match the config).
+        """
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.eval().requires_grad_(False)
+        for m in self.modules():
+            if isinstance(m, ConvFFN):
+                m.pad_hidden(8)  # same function; aligned GEMM rows (SST's 225-wide hidden layer)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.to(dtype=dtype, memory_format=torch.channels_last)  # cuDNN/oneDNN would convert them per call
+            elif isinstance(m, LayerNorm2d):
+                m.to(dtype=dtype)
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the activations without autocast: that of the conv weights."""
+        return self.proj.weight.dtype
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.proj(x)
         return feat + self.body(feat)
@@ -171,9 +201,11 @@ class SST(nn.Module):
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(f"x is {x.shape[-2]}×{x.shape[-1]}, but each side must be >= {self.min_input_size} "
                              f"for the window sizes {self.config.window_sizes} (reflect padding)")
-        # One parameter check for all cached RIB factors, not one per layer (walking the known structure is
-        # cheaper than self.modules() on a 60-layer model).
-        layers = [layer.attn for block in self.body if isinstance(block, SSTBlock) for layer in block
-                  if isinstance(layer, SSTLayer)]
-        with rib_cache_verified(layers):
-            return self.upsampler(self.forward_features(x), x)
+        h = x
+        if x.dtype != self.compute_dtype and not torch.is_autocast_enabled(x.device.type):
+            h = x.to(self.compute_dtype)
+        # Channels-last activations: the convs keep the layout, and LayerNorm and the attention's 1×1 GEMMs then
+        # read (B, H, W, C) views without copies.
+        h = h.contiguous(memory_format=torch.channels_last)
+        out = self.upsampler(self.forward_features(h), x)
+        return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -1,9 +1,15 @@
 """Window attention with a RIB positional bias (SST's attention layer).
 
-Per layer: optional gate from the unpadded input; reflect-pad bottom/right to the window; optional cyclic shift
-(no mask, as in the official code); 1×1 ``to_qkv`` computed channels-last; window partition
-``(b h w) (wh ww) heads c``; attention with logits ``q·kᵀ/√D + bias_q·bias_kᵀ``; merge, unshift, crop; gate; 1×1
-``to_out``.
+Per layer: optional gate from the input; 1×1 ``to_qkv`` as a GEMM over channels-last pixels; reflect-pad
+bottom/right to the window, optional cyclic shift (no mask, as in the official code) and window partition
+``(b h w) (wh ww) heads c`` in one gather; attention with logits ``q·kᵀ/√D + bias_q·bias_kᵀ`` on strided q, k, v
+views of that buffer; merge, unshift and crop in one gather; gate; 1×1 ``to_out``.
+
+The 1×1 projection runs before the padding and the shift: it acts on each pixel alone, so projecting the unpadded
+map and then copying the padded/shifted pixels gives the same values with fewer pixels projected and one copy where
+pad, roll and partition took three. Index vectors for the gathers are cached per input size (none under
+``torch.compile``, where they are part of the graph); at inference the gathers and copies move 8-byte words
+(``move_words``), not single bf16 values.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import flash_rfbias, flash_rfbias_concat, flash_rfbias_reference
-from .rib import RIB, check_positive_int, no_autocast
+from .rib import RIB, check_positive_int, conv1x1, move_words, no_autocast
 
 ATTN_BACKENDS = ("fused", "concat", "reference")
 GATE_TYPES = (None, "DWC", "Linear")
@@ -48,7 +54,43 @@ def op_dtype(backend: str, device_type: str, act_dtype: torch.dtype) -> torch.dt
 
 def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # At most one copy, fused with the cast. (``.to(same_dtype, memory_format=...)`` may return a permuted view.)
-    return t.contiguous() if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
+    if t.dtype == dtype:
+        return move_words(t, torch.Tensor.contiguous)
+    return t.to(dtype, memory_format=torch.contiguous_format)
+
+
+def _axis_source(n: int, pad: int, window: int, shift: int, device) -> torch.Tensor:
+    """For one axis of the padded, shifted map: the source pixel of every position, as (n_windows, window).
+
+    Position i holds padded pixel (i + shift) mod (n + pad) (``torch.roll`` by -shift); padded pixel j >= n is
+    the reflection 2(n − 1) − j (``F.pad`` mode 'reflect', padding at the end only).
+    """
+    p = n + pad
+    pos = torch.arange(p, device=device)
+    if shift:
+        pos = (pos + shift) % p
+    if pad:
+        pos = torch.where(pos < n, pos, 2 * (n - 1) - pos)
+    return pos.view(p // window, window)
+
+
+def _axis_target(n: int, pad: int, window: int, shift: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every pixel 0..n−1 of one axis: (window index, offset in the window) of the shifted position that
+    holds it, the inverse of ``_axis_source`` on the unpadded pixels."""
+    pos = torch.arange(n, device=device)
+    if shift:
+        pos = (pos - shift) % (n + pad)
+    return pos // window, pos % window
+
+
+def _window_indices(H: int, W: int, wh: int, ww: int, shift: bool, device) -> tuple[torch.Tensor, ...]:
+    pad_h, pad_w = -H % wh, -W % ww
+    sh, sw = (wh // 2, ww // 2) if shift else (0, 0)
+    rows, cols = _axis_source(H, pad_h, wh, sh, device), _axis_source(W, pad_w, ww, sw, device)
+    (win_r, off_r), (win_c, off_c) = _axis_target(H, pad_h, wh, sh, device), _axis_target(W, pad_w, ww, sw, device)
+    # broadcast shapes: partition -> (nh, nw, wh, ww), merge -> (H, W)
+    return (rows[:, None, :, None], cols[None, :, None, :],
+            win_r[:, None], win_c[None, :], off_r[:, None], off_c[None, :])
 
 
 def _make_gate(gate_type, dim: int) -> nn.Module | None:
@@ -90,6 +132,11 @@ class RIBWindowAttention(RIB):
         self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
         self.to_out = nn.Conv2d(dim, dim, 1)
         self.gate = _make_gate(gate_type, dim)
+        self._indices: dict = {}  # (H, W, device) -> gather indices of _window_indices
+
+    def _apply(self, fn, *args, **kwargs):
+        self._indices = {}  # device-bound
+        return super()._apply(fn, *args, **kwargs)
 
     def set_attn_backend(self, name: str) -> None:
         self.attn_backend = check_attn_backend(name)
@@ -102,39 +149,74 @@ class RIBWindowAttention(RIB):
                 return op(q, k, v, bias_q, bias_k, self.head_dim ** -0.5)
         return op(q, k, v, bias_q, bias_k, self.head_dim ** -0.5)
 
+    def _gate(self, x: torch.Tensor) -> torch.Tensor | None:
+        # the Sequential of the official layout, its 1×1 conv as a GEMM (conv1x1)
+        if self.gate is None:
+            return None
+        if self.gate_type == "DWC":
+            return torch.sigmoid(conv1x1(self.gate[0](x), self.gate[1]))
+        return torch.sigmoid(conv1x1(x, self.gate[0]))
+
+    def _gather_indices(self, H: int, W: int, device) -> tuple[torch.Tensor, ...]:
+        if torch.compiler.is_compiling():  # part of the graph: static shapes fold them into the gathers
+            return _window_indices(H, W, *self.window_size, self.shift, device)
+        key = (H, W, device)
+        idx = self._indices.get(key)
+        if idx is None:
+            if len(self._indices) >= 16:  # many tile sizes: keep the most recent ones only
+                self._indices.pop(next(iter(self._indices)))
+            with torch.inference_mode(False):  # normal tensors, usable later in training too
+                idx = self._indices[key] = _window_indices(H, W, *self.window_size, self.shift, device)
+        return idx
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"x must be (B, {self.dim}, H, W), got shape {list(x.shape)}")
         B, C, H, W = x.shape
         wh, ww = self.window_size
-        gate = self.gate(x) if self.gate is not None else None
         pad_h, pad_w = -H % wh, -W % ww
         if pad_h >= H or pad_w >= W:
             raise ValueError(f"input {H}×{W} is too small for window {wh}×{ww}: reflect padding needs each side "
                              f"> half the window (at least {wh // 2 + 1}×{ww // 2 + 1})")
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
-        if self.shift:
-            x = torch.roll(x, shifts=(-(wh // 2), -(ww // 2)), dims=(2, 3))
+        gate = self._gate(x)
         Hp, Wp = H + pad_h, W + pad_w
         nh, nw, N = Hp // wh, Wp // ww, wh * ww
+        act_dtype = x.dtype
 
-        # 1×1 conv as a GEMM over channels-last pixels: the channel dim ends up last with unit stride.
+        # 1×1 conv as a GEMM over channels-last pixels (a view when x is channels-last): the channel dim ends up
+        # last with unit stride.
         qkv = F.linear(x.permute(0, 2, 3, 1), self.to_qkv.weight.flatten(1), self.to_qkv.bias)
         dtype = op_dtype(self.attn_backend, qkv.device.type, qkv.dtype)
-        # Window partition (one copy, fused with any dtype cast; none when one window covers the map), then
-        # q, k, v are strided views of it: (B·nh·nw, N, 3, heads, D)[:, :, i].
-        qkv = qkv.view(B, nh, wh, nw, ww, 3 * C).permute(0, 1, 3, 2, 4, 5)
-        qkv = _contiguous(qkv, dtype).view(B * nh * nw, N, 3, self.num_heads, -1)
-        out = self._attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (B·nh·nw, N, heads, D)
+        reindex = bool(pad_h or pad_w or self.shift)
+        if reindex:
+            rows, cols, win_r, win_c, off_r, off_c = self._gather_indices(H, W, qkv.device)
+            # pad + shift + partition: one gather -> (B, nh, nw, wh, ww, 3C)
+            windows = move_words(qkv.to(dtype), lambda t: t[:, rows, cols])
+        else:  # partition only: one copy, fused with any dtype cast
+            windows = _contiguous(qkv.view(B, nh, wh, nw, ww, 3 * C).permute(0, 1, 3, 2, 4, 5), dtype)
+        # q, k, v are strided views of the partition buffer: (B·nh·nw, N, 3, heads, D)[:, :, i]
+        windows = windows.view(B * nh * nw, N, 3, self.num_heads, -1)
+        out = self._attend(windows[:, :, 0], windows[:, :, 1], windows[:, :, 2])  # (B·nh·nw, N, heads, D)
 
-        out = out.reshape(B, nh, nw, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
-        out = _contiguous(out, x.dtype).view(B, Hp, Wp, C)
-        if self.shift:
-            out = torch.roll(out, shifts=(wh // 2, ww // 2), dims=(1, 2))
-        out = out[:, :H, :W]
-        if gate is not None:
-            out = out * gate.permute(0, 2, 3, 1)
+        # windows and tokens split by a view whatever the op's output strides (the concat route's are not
+        # contiguous): (B, nh, nw, wh, ww, heads, D)
+        # (the fused op's output is contiguous: then heads and channels merge too, for word-wise gathers)
+        out = out.view(B, nh, nw, wh, ww, C) if out.is_contiguous() \
+            else out.view(B, nh, nw, wh, ww, self.num_heads, -1)
+        autocast = torch.is_autocast_enabled(out.device.type)
+        if reindex:  # merge + unshift + crop: one gather -> (B, H, W, C)
+            out = move_words(out, lambda t: t[:, win_r, win_c, off_r, off_c]).reshape(B, H, W, C)
+            if gate is not None:
+                out = out * gate.permute(0, 2, 3, 1)
+        else:
+            out = out.permute(0, 1, 3, 2, 4, 5, *range(6, out.dim()))  # (B, nh, wh, nw, ww, C or heads, D), a view
+            if gate is not None:  # the product is the merge copy (gate first: its layout is the output's)
+                out = gate.permute(0, 2, 3, 1).reshape(out.shape) * out
+            elif not autocast:
+                out = _contiguous(out, act_dtype)  # the merge copy, fused with any cast back
+            out = out.reshape(B, H, W, C)
+        if out.dtype != act_dtype and not autocast:  # (under autocast to_out casts anyway)
+            out = out.to(act_dtype)  # e.g. bf16 attention in a float32 model
         out = F.linear(out, self.to_out.weight.flatten(1), self.to_out.bias)
         return out.permute(0, 3, 1, 2)
 

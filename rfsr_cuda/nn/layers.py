@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import RIBWindowAttention
-from .rib import check_positive_int
+from .rib import check_positive_int, conv1x1
 
 UPSAMPLER_TYPES = ("pixelshuffle_direct", "pixelshuffle", "nn+conv")
 
@@ -45,10 +45,32 @@ class ConvFFN(nn.Module):
         self.dwc = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.agg = nn.Conv2d(hidden, dim, 1)
 
+    def pad_hidden(self, multiple: int = 8) -> None:
+        """Zero-pad the hidden width to a multiple of ``multiple`` (SST's 180·1.25 = 225 channels make GEMMs with
+        2-byte-aligned rows, which tensor cores run several times slower). The function is unchanged: the extra
+        channels have zero weights and biases, stay 0 through GELU (gelu(0) = 0) and the residual depthwise conv,
+        and ``agg`` gives them zero weights. Changes the parameter shapes: for inference only."""
+        hidden = self.proj.out_channels
+        extra = -hidden % check_positive_int(multiple, "multiple")
+        if not extra:
+            return
+
+        def grown(t: torch.Tensor, dim: int) -> nn.Parameter:
+            pad = t.new_zeros(*t.shape[:dim], extra, *t.shape[dim + 1:])
+            return nn.Parameter(torch.cat([t.detach(), pad], dim), requires_grad=t.requires_grad)
+
+        with torch.no_grad():
+            self.proj.weight, self.proj.bias = grown(self.proj.weight, 0), grown(self.proj.bias, 0)
+            self.dwc.weight, self.dwc.bias = grown(self.dwc.weight, 0), grown(self.dwc.bias, 0)
+            self.agg.weight = grown(self.agg.weight, 1)
+        hidden += extra
+        self.proj.out_channels = self.dwc.in_channels = self.dwc.out_channels = self.dwc.groups = hidden
+        self.agg.in_channels = hidden
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.proj(x))
+        x = F.gelu(conv1x1(x, self.proj))
         x = x + F.gelu(self.dwc(x))
-        return self.agg(x)
+        return conv1x1(x, self.agg)
 
 
 class SSTLayer(nn.Module):
@@ -141,7 +163,7 @@ class Upsampler(nn.Module):
         if self.upsampler_type == "pixelshuffle":
             x = F.pixel_shuffle(self.up_conv(F.leaky_relu(self.feature_conv(x), 0.1)), r)
             return self.final_conv(x) + F.interpolate(skip, scale_factor=r, mode="nearest")
-        return self.f(x + self.f_img(skip))
+        return self.f(x + self.f_img(skip.to(self.f_img[0].weight.dtype)))  # a bf16 model, float32 image
 
     def extra_repr(self) -> str:
         return f"upscaling_factor={self.upscaling_factor}, upsampler_type={self.upsampler_type!r}"

@@ -4,23 +4,46 @@ For a window of N tokens the module produces ``bias_q, bias_k`` of shape ``(H, N
 ``bias_q @ bias_kᵀ = Q_p K_pᵀ / √R``, the bias that SST adds to the attention logits. The factors depend on the
 window geometry and the four parameters only, so at inference they are computed once and cached.
 
-Cache rules (see ``RIB.factors``):
-  * used only in eval mode with no gradient wanted for the RIB parameters, and never under ``torch.compile``;
-    otherwise the MLP runs on every call so gradients reach ``to_hidden``, ``hidden_b``, ``to_q`` and ``to_k``;
-  * an entry per (window size, device, dtype); all entries are dropped when the module goes back to training;
-  * entries are valid only for the parameter values they were computed from: a flat copy of the parameters is
-    kept and compared (``torch.equal``) before reuse. Version counters would miss edits made through
-    ``param.data`` (its alias has a fresh counter; EMA updates are written that way), a value check does not.
-    On CUDA each comparison is a device sync, so models wrap their forward in ``rib_cache_verified``, which
-    checks every RIB of the model with one comparison.
+Cache rules (see ``RIB.factors``); checking them never reads a tensor's values, so a cached forward has no device
+synchronisation (CUDA graphs can capture it):
+  * used only in eval mode with no gradient wanted for the RIB parameters, and never under ``torch.compile``
+    (compiled graphs compute the factors themselves); otherwise the MLP runs on every call so gradients reach
+    ``to_hidden``, ``hidden_b``, ``to_q`` and ``to_k``;
+  * an entry per (window size, device, dtype); all entries are dropped when the module goes back to training and by
+    ``.to()``/``.cuda()``/``.half()`` (``nn.Module._apply``);
+  * entries are valid for the parameter state they were computed from: each parameter's address, version counter
+    and shape, and the process-wide count of optimizer steps. In-place updates bump the version counter
+    (optimizer steps, ``load_state_dict``, ``copy_``/``lerp_``/``mul_`` under ``no_grad`` or ``inference_mode``,
+    EMA updates written that way); a new tensor (``load_state_dict(assign=True)``, ``p.data = t``, a replaced
+    Parameter) changes the address, and the old tensors are kept alive with the entries so that an address cannot
+    be reused unnoticed. Fused optimizers (``AdamW(fused=True)``) bump no version counter, hence the step count
+    (a global optimizer step post-hook);
+  * not seen: in-place edits through ``param.data`` (an alias with its own version counter). After such an edit
+    call ``clear_rib_caches(model)`` (or edit under ``torch.no_grad()`` instead, which is seen);
+  * parameters that are inference tensors (a model built inside ``torch.inference_mode``) have no version counter:
+    their factors are recomputed on every call rather than cached.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+# Optimizer steps taken in this process. Part of every cache stamp: fused optimizers write the parameters without
+# bumping their version counters, and a step hook is the one place every optimizer passes through.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _pair(window_size, name: str = "window_size") -> tuple[int, int]:
@@ -39,21 +62,48 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
 
 def no_autocast(device_type: str):
     """A context that turns autocast off on ``device_type`` (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device_type):
+    # (the common types first: torch.compile of torch 2.11 cannot trace is_autocast_available)
+    if device_type in ("cuda", "cpu") or torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
 
-def rib_features(window_size: int | tuple[int, int], n_freqs: int = 10) -> torch.Tensor:
-    """Fourier features of the token centres of one window: ``(Wh·Ww, 2 + 4·n_freqs)`` float32 on the CPU.
+def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` for a 1×1 conv, as a GEMM over the pixels when ``x`` is channels-last: the ``(B, H, W, C)`` view
+    needs no copy and the bias is added inside the GEMM (cuDNN adds it in a separate pass). Other layouts go to
+    the conv itself. Forward hooks of ``conv`` do not run on the GEMM route."""
+    xl = x.permute(0, 2, 3, 1)
+    if not xl.is_contiguous():
+        return conv(x)
+    return F.linear(xl, conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+
+
+def move_words(t: torch.Tensor, fn):
+    """``fn(t)`` for pure data movement (a gather, a permuted copy) that keeps the last dim whole, run on the
+    widest integer view of that dim: 4 bf16 values per 8-byte word, so a quarter of the elements to index.
+    Tensors that need gradients (dtype views do not carry them) and compiled graphs take ``fn(t)`` directly."""
+    if t.requires_grad or torch.compiler.is_compiling() or t.dim() == 0:
+        return fn(t)
+    size = t.element_size()
+    for word, wsize in ((torch.int64, 8), (torch.int32, 4)):
+        if wsize > size and t.stride(-1) == 1 and (t.shape[-1] * size) % wsize == 0 \
+                and (t.storage_offset() * size) % wsize == 0 \
+                and all((st * size) % wsize == 0 for st in t.stride()[:-1]):
+            return fn(t.view(word)).view(t.dtype)
+    return fn(t)
+
+
+def rib_features(window_size: int | tuple[int, int], n_freqs: int = 10,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Fourier features of the token centres of one window: ``(Wh·Ww, 2 + 4·n_freqs)`` float32.
 
     Token n = row·Ww + col (the ``(wh ww)`` order of the window partition). Columns: x, y in (-1, 1), then per
-    frequency 2^i (no π): sin x, sin y, cos x, cos y. Computed in float32 on the CPU, like the official buffer the
-    released weights were trained on (other devices' sin/cos differ in the last bits).
+    frequency 2^i (no π): sin x, sin y, cos x, cos y. Computed in float32 on ``device`` (default the CPU, like the
+    official buffer the released weights were trained on; other devices' sin/cos differ in the last bits).
     """
     wh, ww = _pair(window_size)
     check_positive_int(n_freqs, "n_freqs", 0)
-    rows, cols = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij")
     x = 2.0 * (cols.reshape(-1).float() + 0.5) / ww - 1.0
     y = 2.0 * (rows.reshape(-1).float() + 0.5) / wh - 1.0
     base = torch.stack([x, y], dim=-1)
@@ -87,10 +137,10 @@ class RIB(nn.Module):
         self.to_q = nn.Parameter(torch.empty(num_heads, hidden_dim, rank))
         self.to_k = nn.Parameter(torch.empty(num_heads, hidden_dim, rank))
         self.reset_rib_parameters()
-        self._features: dict = {}  # (window, device) -> features; parameter-free, never invalidated
+        self._features: dict = {}  # (window, device) -> features; parameter-free
         self._factors: dict = {}  # (window, device, dtype) -> (bias_q, bias_k)
-        self._snapshot: torch.Tensor | None = None  # flat copy of the parameters _factors was computed from
-        self._values_verified = False  # set by rib_cache_verified for the duration of one model forward
+        self._stamp: tuple | None = None  # parameter state _factors was computed from (_param_stamp)
+        self._pinned: tuple = ()  # those parameters' tensors, alive so that their addresses are not reused
 
     def reset_rib_parameters(self) -> None:
         nn.init.normal_(self.to_hidden, std=0.05)
@@ -102,33 +152,37 @@ class RIB(nn.Module):
         return self.to_hidden, self.hidden_b, self.to_q, self.to_k
 
     def clear_rib_cache(self) -> None:
+        """Drop the cached factors (needed only after in-place edits through ``param.data``; module docstring)."""
         self._factors = {}
-        self._snapshot = None
+        self._stamp = None
+        self._pinned = ()
 
     def train(self, mode: bool = True):
         if mode:  # free the cached factors (up to a few MB per layer) for the whole training phase
             self.clear_rib_cache()
         return super().train(mode)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.half() replace the parameters: the stamps would catch it, but freeing now releases the
+        # old device's factors and features at once
+        self.clear_rib_cache()
+        self._features = {}
+        return super()._apply(fn, *args, **kwargs)
+
     def _cache_usable(self) -> bool:
         if self.training or torch.compiler.is_compiling():
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.rib_parameters()))
 
-    def _flat_parameters(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.rib_parameters()])
-
-    def _snapshot_matches(self) -> bool:
-        snap = self._snapshot
-        if snap is None:
-            return False
-        params = self.rib_parameters()
-        if any(p.device != snap.device or p.dtype != snap.dtype for p in params) \
-                or sum(p.numel() for p in params) != snap.numel():
-            return False
-        return self._values_verified or torch.equal(self._flat_parameters(), snap)
+    def _param_stamp(self, params) -> tuple | None:
+        """What identifies the parameters' current values without reading them (None: cannot be told)."""
+        if any(p.is_inference() for p in params):
+            return None  # inference tensors keep no version counter
+        return (_optimizer_steps, *((p.data_ptr(), p._version, p.shape) for p in params))
 
     def _window_features(self, window: tuple[int, int], device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # inside the graph: no cache lookups to guard on, no host-device copy
+            return rib_features(window, self.rib_n_freqs, device=device)
         key = (window, device)
         feats = self._features.get(key)
         if feats is None:
@@ -158,12 +212,17 @@ class RIB(nn.Module):
         device = self.to_hidden.device if device is None else torch.device(device)
         if dtype is None:
             dtype = torch.promote_types(self.to_hidden.dtype, torch.float32)
-        if not self._cache_usable():
+        stamp = None
+        if self._cache_usable():
+            params = self.rib_parameters()
+            stamp = self._param_stamp(params)
+        if stamp is None:
             bias_q, bias_k = self._compute_factors(window, device)
             return bias_q.to(dtype).contiguous(), bias_k.to(dtype).contiguous()
-        if not self._snapshot_matches():
+        if stamp != self._stamp:
             self._factors = {}
-            self._snapshot = self._flat_parameters().clone()
+            self._stamp = stamp
+            self._pinned = tuple(p.detach() for p in params)
         key = (window, device, dtype)
         cached = self._factors.get(key)
         if cached is None:
@@ -176,30 +235,9 @@ class RIB(nn.Module):
                 f"rib_hidden_dim={self.rib_hidden_dim}, rib_n_freqs={self.rib_n_freqs}")
 
 
-@contextlib.contextmanager
-def rib_cache_verified(modules: nn.Module | Iterable[nn.Module]) -> Iterator[None]:
-    """Check the RIB caches of ``modules`` (a module's RIB submodules, or the RIBs in an iterable) against their
-    parameters with one comparison, for the duration of the block (one model forward).
-
-    Without it each layer compares its own parameters, one device sync per layer on CUDA. When everything
-    matches, the layers skip their own checks inside the block; when something changed, they fall back to them
-    (and refill), so the result is the same either way.
-    """
-    candidates = modules.modules() if isinstance(modules, nn.Module) else modules
-    ribs = [m for m in candidates if isinstance(m, RIB) and m._snapshot is not None and m._cache_usable()]
-    verified = []
-    if ribs:
-        snaps = [m._snapshot for m in ribs]
-        params = [p for m in ribs for p in m.rib_parameters()]
-        same_kind = all(t.device == snaps[0].device and t.dtype == snaps[0].dtype for t in (*snaps, *params))
-        same_size = all(m._snapshot.numel() == sum(p.numel() for p in m.rib_parameters()) for m in ribs)
-        if same_kind and same_size and torch.equal(torch.cat([p.detach().reshape(-1) for p in params]),
-                                                   torch.cat(snaps)):
-            verified = ribs
-    for m in verified:
-        m._values_verified = True
-    try:
-        yield
-    finally:
-        for m in verified:
-            m._values_verified = False
+def clear_rib_caches(module: nn.Module) -> nn.Module:
+    """Drop the cached factors of every RIB inside ``module`` (after edits through ``param.data``); returns it."""
+    for m in module.modules():
+        if isinstance(m, RIB):
+            m.clear_rib_cache()
+    return module

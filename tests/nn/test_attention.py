@@ -5,6 +5,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rfsr_cuda.nn import RIBWindowAttention, op_dtype, set_attn_backend
 from rfsr_cuda.nn import attention as attention_mod
@@ -194,3 +195,51 @@ def test_reference_backend_stays_float32_under_autocast():
         attn(x)
     # the q/k/v GEMM ran in bf16 under autocast; the oracle's own matmuls did not
     assert seen == {"q": torch.float32, "bias": torch.float32, "exact": True}
+
+
+class OpLog(TorchDispatchMode):
+    """The aten ops a block runs, by name (e.g. 'aten.index.Tensor')."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket) if "rfsr" not in str(func) else "rfsr")
+        return func(*args, **(kwargs or {}))
+
+
+COPIES = ("aten.index", "aten.clone", "aten.copy_", "aten._to_copy", "aten.contiguous", "aten.reflection_pad2d",
+          "aten.roll", "aten.constant_pad_nd", "aten.cat")
+
+
+@pytest.mark.parametrize("size, shift", [((16, 24), False), ((13, 19), False), ((13, 19), True)])
+@pytest.mark.parametrize("gate", ["DWC", None])
+def test_one_copy_each_side_of_the_op(size, shift, gate):
+    # pad + shift + partition in one copy before the op, merge + unshift + crop in one after it (with a gate the
+    # merge is the gate's product itself); the qkv GEMM reads the channels-last input in place
+    attn = make_attn(window=8, shift=shift, gate_type=gate).eval()
+    x = torch.randn(2, 12, *size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = attn(x)  # fills the factor and index caches
+        with OpLog() as log:
+            out = attn(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    copies = [n for n in log.names if n.startswith(COPIES)]
+    reindex = shift or size != (16, 24)
+    want = ["aten.index"] * 2 if reindex else ["aten.clone"] + ([] if gate else ["aten.clone"])
+    assert sorted(copies) == sorted(want), log.names
+    assert log.names.count("rfsr") == 1 and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gather_indices_cached_per_size_and_device():
+    attn = make_attn(window=4).eval()
+    with torch.no_grad():
+        attn(torch.randn(1, 12, 9, 7))
+        idx = attn._indices[(9, 7, torch.device("cpu"))]
+        attn(torch.randn(1, 12, 9, 7))
+        assert attn._indices[(9, 7, torch.device("cpu"))] is idx
+        attn(torch.randn(1, 12, 10, 7))
+        assert len(attn._indices) == 2
+        attn.double()
+        assert not attn._indices  # device/dtype moves drop them

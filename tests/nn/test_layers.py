@@ -89,3 +89,22 @@ def test_resize_up_conv_layout_and_bilinear_weights():
     same_w, same_b = resize_up_conv(weight, tags, 2, 2)
     torch.testing.assert_close(same_w, weight)
     torch.testing.assert_close(same_b, tags)
+
+
+@pytest.mark.parametrize("dim, ratio, padded", [(180, 1.25, 232), (12, 1.5, 24), (48, 1.5, 72)])
+def test_convffn_pad_hidden_is_exact(dim, ratio, padded):
+    torch.manual_seed(0)
+    ffn = ConvFFN(dim, ratio)
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.normal_(std=0.2)
+    x = torch.randn(2, dim, 5, 7, dtype=torch.float64)
+    ffn = ffn.double()
+    expected = ffn(x)
+    ffn.pad_hidden(8)
+    assert ffn.proj.weight.shape[0] == ffn.dwc.weight.shape[0] == ffn.agg.weight.shape[1] == padded
+    assert ffn.dwc.groups == padded and ffn.proj.bias.shape == (padded,)
+    for layout in (torch.contiguous_format, torch.channels_last):  # conv and GEMM routes
+        torch.testing.assert_close(ffn(x.contiguous(memory_format=layout)), expected, rtol=0, atol=1e-12)
+    ffn.pad_hidden(8)  # already aligned: nothing changes
+    assert ffn.proj.weight.shape[0] == padded
