@@ -1,5 +1,5 @@
-"""rfsr_cuda.upscale on CPU with tiny real SST models: tiling = untiled, OOM halving, fp16 NaN redo, TTA, image
-formats (16-bit, grey, alpha, metadata)."""
+"""rfsr_cuda.upscale on CPU with tiny real SST models: tiling = untiled with one tile shape per image, OOM halving,
+fp16 NaN redo, TTA, Lanczos outscale, image formats (16-bit, grey, alpha, metadata)."""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +8,7 @@ from torch import nn
 
 from rfsr_cuda.image_io import read_image, write_image
 from rfsr_cuda.models import create_model
-from rfsr_cuda.upscale import Upscaler, axis_weights, plan_axis, upscale_image_file
+from rfsr_cuda.upscale import Upscaler, axis_weights, plan_axis, resize_lanczos, upscale_image_file
 
 TINY = dict(dim=12, window_sizes=[4, 8], num_heads=[2, 2], ranks=[4, 4], n_blocks=1, exp_ratio=1.5,
             rib_hidden_dim=8, rib_n_freqs=4, upsampler_type="pixelshuffle_direct", gate_type="DWC")
@@ -76,11 +76,53 @@ def test_tiled_equals_untiled(model):
     img = torch.rand(3, 90, 110)
     ref = Upscaler(model, tile=0).upscale(img)
     assert ref.shape == (3, 180, 220)
-    up = Upscaler(model, tile=48, overlap=24, tile_batch=3)
-    assert up.count_tiles(90, 110) == 12
+    w = Wrapped(model, lambda x: None)
+    up = Upscaler(w, tile=48, overlap=24, tile_batch=3)
+    plan = up.plan(90, 110)
+    assert plan.shape == (48, 48) and len(plan) == up.count_tiles(90, 110) == 12
+    assert plan.ys[-1][1] < 48 and plan.xs[-1][1] < 48  # the edge tiles hold fewer pixels ...
     out = up.upscale(img)
     assert (out - ref).abs().max().item() < 1e-3
-    assert up.stats.forwards < up.count_tiles(90, 110)  # tiles were batched
+    assert {s[1:] for s in w.calls} == {(3, 48, 48)}  # ... but every tile runs at the one shape
+    assert up.stats.forwards == len(w.calls) < up.count_tiles(90, 110)  # tiles were batched
+
+
+def test_partial_tiles_equal_the_part_alone(model):
+    """A tile whose pixels fill only its top-left part gives there what the part alone gives (the model's own
+    edge handling), whatever lies beyond it, batched with full tiles, with and without TTA."""
+    g = torch.Generator().manual_seed(6)
+    valid = [(40, 29), (48, 48), (21, 48), (5, 13)]
+    x = torch.rand(len(valid), 3, 48, 48, generator=g)  # beyond the valid parts: unrelated pixels
+    for tta in (False, True):
+        up = Upscaler(model, tile=0, tta=tta)
+        out = up.forward_tiles(x, valid)
+        assert out.shape == (4, 3, 96, 96)
+        for i, (vh, vw) in enumerate(valid):
+            alone = up.forward_tiles(x[i:i + 1, :, :vh, :vw].contiguous())[0]
+            torch.testing.assert_close(out[i, :, :2 * vh, :2 * vw], alone, rtol=0, atol=2e-6)
+            assert out[i, :, 2 * vh:].abs().sum() == 0 and out[i, :, :, 2 * vw:].abs().sum() == 0
+
+
+def test_small_images_run_whole_and_big_ones_in_one_shape(model):
+    g = torch.Generator().manual_seed(7)
+    w = Wrapped(model, lambda x: None)
+    up = Upscaler(w, tile=32, overlap=16, tile_batch=4)
+    assert up.tile == 32 and up.min_tile == 16  # multiples of the alignment (8 here)
+    small = torch.rand(3, 27, 31, generator=g)  # fits in one tile: the image itself, untiled
+    assert up.plan(27, 31).tile is None
+    torch.testing.assert_close(up.upscale(small), Upscaler(model, tile=0).upscale(small), rtol=0, atol=0)
+    assert w.calls == [(1, 3, 27, 31)]
+    w.calls.clear()
+    thin = torch.rand(3, 19, 100, generator=g)  # shorter than a tile on one axis only: still 32×32 tiles
+    plan = up.plan(19, 100)
+    assert plan.shape == (32, 32) and plan.ys == ((0, 19),) and len(plan) == 6
+    d = (up.upscale(thin) - Upscaler(model, tile=0).upscale(thin)).abs().max().item()
+    assert d < 1e-3 and {s[1:] for s in w.calls} == {(3, 32, 32)}
+    w.calls.clear()
+    tiny = torch.rand(3, 3, 70, generator=g)  # below the model's minimum: padded first, as untiled
+    out = up.upscale(tiny)
+    assert out.shape == (3, 6, 140) and {s[1:] for s in w.calls} == {(3, 32, 32)}
+    assert (out - Upscaler(model, tile=0).upscale(tiny)).abs().max().item() < 1e-3
 
 
 def test_oom_batch_then_tile_halving(model):
@@ -106,8 +148,8 @@ def test_oom_batch_then_tile_halving(model):
     w = Wrapped(model, oom_for_big)
     up = Upscaler(w, tile=32, overlap=16, tile_batch=1)
     out = up.upscale(img)
-    assert up.tile_size() == 16 and up.stats.tile_sizes == [16]
-    assert all(max(s[-2:]) <= 16 for s in w.calls[1:])  # after the first failure only small tiles
+    assert up.tile_size() == 16 and up.stats.tile_sizes == [16] and 16 % up.align == 0
+    assert {s[-2:] for s in w.calls[1:]} == {(16, 16)}  # after the first failure only small tiles, one shape
     d = (out - Upscaler(model, tile=0).upscale(img)).abs()
     assert d.max().item() < 0.1 and d.mean().item() < 5e-3  # 16-pixel tiles: less exact than 32, still close
 
@@ -123,6 +165,14 @@ def test_oom_batch_then_tile_halving(model):
 
     with pytest.raises(torch.OutOfMemoryError):
         Upscaler(Wrapped(model, always_oom), tile=32).upscale(img)
+
+    # a whole image that does not fit: halved to a multiple of the alignment, then tiled
+    w = Wrapped(model, oom_for_big)
+    up = Upscaler(w, tile=0)
+    out = up.upscale(img[:, :20, :24])
+    assert up.stats.tile_sizes == [16] and {s[-2:] for s in w.calls[1:]} == {(16, 16)}
+    d = (out - Upscaler(model, tile=0).upscale(img[:, :20, :24])).abs()
+    assert d.max().item() < 0.1 and d.mean().item() < 5e-3
 
 
 def test_fp16_nan_tile_is_redone_in_fp32(model):
@@ -158,6 +208,12 @@ def test_tta_and_outscale_and_small_inputs(model):
     torch.testing.assert_close(tta, manual, rtol=0, atol=1e-5)  # the average of the 8 symmetric predictions
     out = Upscaler(model, tile=0).upscale_array(arr, outscale=3.0)
     assert out.shape == (60, 72, 3) and out.dtype == np.uint8
+    net = Upscaler(model, tile=0).upscale(x)  # -s: Pillow's Lanczos on the float network output, per channel
+    direct = np.stack([np.asarray(Image.fromarray(c).resize((72, 60), Image.Resampling.LANCZOS))
+                       for c in net.numpy()], axis=2)
+    np.testing.assert_array_equal(out, (np.clip(direct, 0, 1) * 255).round().astype(np.uint8))
+    bicubic = torch.nn.functional.interpolate(net[None], size=(60, 72), mode="bicubic", align_corners=False)[0]
+    assert np.abs(out.astype(int) - (bicubic.clamp(0, 1) * 255).round().permute(1, 2, 0).numpy()).max() >= 1
     tiny = Upscaler(model, tile=0).upscale_array(arr[:3, :2])  # smaller than the model's minimum input
     assert tiny.shape == (6, 4, 3)
 
@@ -189,6 +245,22 @@ def test_16bit_round_trip(model, tmp_path, name, channels):
     assert out.dtype == np.uint16 and out.shape == (36, 44, channels) and oinfo.bits == 16
     np.testing.assert_array_equal(out, up.upscale_array(arr))
     assert len(np.unique(out[..., 0])) > 256  # not 8-bit values stretched
+
+
+def test_outscale_lanczos_16bit_and_alpha(model):
+    arr = _ramp16(18, 22, 4, seed=3)
+    arr[..., 3] = np.linspace(0, 65535, 22, dtype=np.uint16)[None, :]
+    up = Upscaler(model, tile=0)
+    out = up.upscale_array(arr, outscale=1.5)  # a shrink after the ×2 network
+    assert out.shape == (27, 33, 4) and out.dtype == np.uint16
+    planes = torch.from_numpy(arr).permute(2, 0, 1)  # as upscale_array reads them (the same memory layout, so the
+    net = torch.cat([up.upscale(planes[:3].float().div_(65535)),  # same last bits)
+                     up.upscale(planes[3:].float().div_(65535).expand(3, -1, -1)).mean(0, keepdim=True)])
+    direct = np.stack([np.asarray(Image.fromarray(c).resize((33, 27), Image.Resampling.LANCZOS))
+                       for c in net.numpy()], axis=2)
+    np.testing.assert_array_equal(out, (np.clip(direct, 0, 1) * 65535).round().astype(np.uint16))
+    assert len(np.unique(out[..., 0])) > 256  # full 16-bit depth, not 8-bit values stretched
+    torch.testing.assert_close(resize_lanczos(net, (27, 33)), torch.from_numpy(direct).permute(2, 0, 1).clamp(0, 1))
 
 
 def test_alpha_and_grey_and_metadata(model, tmp_path):

@@ -2,8 +2,9 @@
 
 ``examples/upscale.py`` (and ``python -m rfsr_cuda.upscale``) is the command-line face of this package:
 
-* :class:`Upscaler` — tiled inference with blended overlaps, the image kept in host memory, automatic tile size,
-  out-of-memory retry with halved tiles, bf16/fp16/fp32 with an fp32 redo of non-finite tiles, TTA, alpha;
+* :class:`Upscaler` — tiled inference with blended overlaps (one tile shape per image, several tiles per forward),
+  the image kept in host memory, automatic tile size, out-of-memory retry with halved tiles, bf16/fp16/fp32 with an
+  fp32 redo of non-finite tiles, TTA, alpha, a Lanczos resize for a non-integer final scale;
 * :func:`upscale_image_file` / :func:`upscale_video` — one file in, one file out, keeping bit depth, grey, alpha,
   EXIF and ICC profile (images) or frame rate and audio (videos), written atomically;
 * :func:`collect_inputs` / :func:`output_path_for` — files, folders (recursive) and globs, and output names.
@@ -22,18 +23,19 @@ from .files import (OUTPUT_EXTENSIONS, VIDEO_EXTENSIONS, InputFile, collect_inpu
                     is_video_file, list_inputs, output_extension, output_path_for, same_file)
 from .model import (DEFAULT_PRESET, bundled_weights_name, find_bundled_weights, load_model, model_scale,
                     resolve_device)
-from .tiling import (PRECISIONS, Upscaler, UpscaleStats, axis_weights, is_oom, model_alignment, plan_axis,
-                     resolve_precision)
+from .tiling import (PRECISIONS, TilePlan, Upscaler, UpscaleStats, axis_weights, is_oom, model_alignment,
+                     plan_axis, resize_lanczos, resolve_precision)
 from .video import VideoError, probe_video, upscale_video
 
 __all__ = [
-    "DEFAULT_PRESET", "ImageInfo", "ImageReadError", "VideoError", "Upscaler", "UpscaleStats", "PRECISIONS",
+    "DEFAULT_PRESET", "ImageInfo", "ImageReadError", "VideoError", "Upscaler", "UpscaleStats", "TilePlan",
+    "PRECISIONS",
     "OUTPUT_EXTENSIONS", "VIDEO_EXTENSIONS", "InputFile",
     "bundled_weights_name", "find_bundled_weights", "load_model", "model_scale", "resolve_device",
     "load_image", "read_image", "write_image", "save_png",
     "upscale_tensor", "upscale_file", "upscale_image_file", "upscale_video", "probe_video",
     "collect_inputs", "list_inputs", "is_video_file", "output_path_for", "output_extension", "default_output_dir",
-    "same_file", "plan_axis", "axis_weights", "model_alignment", "resolve_precision", "is_oom",
+    "same_file", "plan_axis", "axis_weights", "model_alignment", "resolve_precision", "resize_lanczos", "is_oom",
 ]
 
 PathLike = Union[str, os.PathLike]

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the network's upscaling factor: selects the bundled weights; with --weights it must "
                         "match them. Default: the factor of --weights; without --weights, 4")
     p.add_argument("-s", "--outscale", type=float, default=None,
-                   help="final upscaling factor (float): the network output is resized (bicubic) to this factor "
-                        "of the input size. Default: the network's scale")
+                   help="final upscaling factor (float): the network output is resized (Lanczos, as Real-ESRGAN) to "
+                        "this factor of the input size. Default: the network's scale")
     p.add_argument("-w", "--weights", "--model_path", "--model-path", dest="weights", default=None,
                    help=f"an rfsr .safetensors file (e.g. the EMA export of examples/train.py) or official SST "
                         f".pth weights (with --preset). Default: the bundled {DEFAULT_PRESET} weights for --scale, "
@@ -84,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace existing outputs (the default; an input is never overwritten)")
     p.add_argument("-t", "--tile", type=_tile_arg, default="auto",
                    help="tile size in input pixels, rounded up to a multiple of the model's largest window and to at "
-                        "least twice the overlap; "
-                        "0 = whole image; auto (default) = the least wasteful size that fits free GPU memory (at most "
-                        "256 on CPU). Out of memory "
-                        "halves it and redoes the tile")
+                        "least twice the overlap (so at least 128 for the SST presets); all tiles of an image have "
+                        "this one shape, and an image that fits in one tile runs whole. 0 = whole image; auto "
+                        "(default) = the least wasteful size that fits free GPU memory (at most 256 on CPU). Out of "
+                        "memory halves it and redoes the tile")
     p.add_argument("--tile-pad", "--tile_pad", "--tile-overlap", "--tile_overlap", dest="tile_pad", type=int,
                    default=None,
                    help="overlap of neighbouring tiles in input pixels, blended smoothly (rounded up to a multiple "
