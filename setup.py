@@ -63,13 +63,20 @@ def kernel_sources() -> list:
 
 
 def cuda_arch_flags() -> list:
-    flags = []
+    flags, plain = [], []
     for arch in os.environ.get("RFSR_CUDA_ARCHS", "80;90").replace(",", ";").split(";"):
         arch = arch.strip().replace(".", "")
         if arch == "90":  # the wgmma kernels need the arch-specific sm_90a target (H100/H200 run it)
             arch = "90a"
         if arch:
             flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+            if arch.isdigit():
+                plain.append(arch)
+    # PTX of the lowest portable arch as well, so that newer GPUs (no SASS here) JIT the sm80 kernels instead of
+    # failing with "no kernel image"; arch-specific targets (90a) have no portable PTX.
+    if plain:
+        low = min(plain, key=int)
+        flags.append(f"-gencode=arch=compute_{low},code=compute_{low}")
     return flags
 
 
