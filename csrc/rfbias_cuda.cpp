@@ -81,24 +81,8 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   p.bias_k = s.R > 0 ? bias_k.data_ptr() : q.data_ptr();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.q_batch_stride = q.stride(0); p.q_row_stride = q.stride(1); p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0); p.k_row_stride = k.stride(1); p.k_head_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0); p.v_row_stride = v.stride(1); p.v_head_stride = v.stride(2);
-  if (s.R > 0) {
-    const int o = s.bias_batched ? 1 : 0;
-    p.bq_batch_stride = s.bias_batched ? bias_q.stride(0) : 0;
-    p.bq_head_stride = bias_q.stride(o);
-    p.bq_row_stride = bias_q.stride(o + 1);
-    p.bk_batch_stride = s.bias_batched ? bias_k.stride(0) : 0;
-    p.bk_head_stride = bias_k.stride(o);
-    p.bk_row_stride = bias_k.stride(o + 1);
-  }
+  set_shape_and_input_strides(p, s, q, k, v, bias_q, bias_k);
   p.out_batch_stride = out.stride(0); p.out_row_stride = out.stride(1); p.out_head_stride = out.stride(2);
-  p.B = static_cast<int>(s.B);
-  p.N = static_cast<int>(s.N);
-  p.H = static_cast<int>(s.H);
-  p.D = static_cast<int>(s.D);
-  p.R = static_cast<int>(s.R);
   rfbias_fold_scale(scale, p.q_mult, p.bq_mult, p.scale_log2);
   p.qkv_vec16 = s.D % 8 == 0 && is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16);
   p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_q, 4) && is_aligned(bias_k, 4);

@@ -102,25 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
   p.dbk_part = dbk_part.data_ptr<float>();
   p.dbq = dbq.data_ptr();
   p.dbk = dbk.data_ptr();
-  p.q_batch_stride = q.stride(0); p.q_row_stride = q.stride(1); p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0); p.k_row_stride = k.stride(1); p.k_head_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0); p.v_row_stride = v.stride(1); p.v_head_stride = v.stride(2);
+  set_shape_and_input_strides(p, s, q, k, v, bias_q, bias_k);
   p.do_batch_stride = dout.stride(0); p.do_row_stride = dout.stride(1); p.do_head_stride = dout.stride(2);
   p.o_batch_stride = out.stride(0); p.o_row_stride = out.stride(1); p.o_head_stride = out.stride(2);
-  if (s.R > 0) {
-    const int o = s.bias_batched ? 1 : 0;
-    p.bq_batch_stride = s.bias_batched ? bias_q.stride(0) : 0;
-    p.bq_head_stride = bias_q.stride(o);
-    p.bq_row_stride = bias_q.stride(o + 1);
-    p.bk_batch_stride = s.bias_batched ? bias_k.stride(0) : 0;
-    p.bk_head_stride = bias_k.stride(o);
-    p.bk_row_stride = bias_k.stride(o + 1);
-  }
-  p.B = static_cast<int>(s.B);
-  p.N = static_cast<int>(s.N);
-  p.H = static_cast<int>(s.H);
-  p.D = static_cast<int>(s.D);
-  p.R = static_cast<int>(s.R);
   p.bias_batched = s.bias_batched;
   p.chunk_windows = chunk_windows;
   p.n_chunks = n_chunks;

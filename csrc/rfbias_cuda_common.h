@@ -45,4 +45,29 @@ const Kernel* pick_kernel(const Kernel* table, int count, RfbiasDtype dtype, int
   return best;
 }
 
+// The sizes and the strides of the inputs both directions read, in a forward or backward params struct: q, k, v as
+// (B, N, H, D) and, when R > 0, the factors as (H, N, R) or (B, H, N, R) (a zero batch stride means shared by every
+// window). The sizes were checked to fit an int.
+template <class Params, class Shape>
+void set_shape_and_input_strides(Params& p, const Shape& s, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& bias_q, const at::Tensor& bias_k) {
+  p.B = static_cast<int>(s.B);
+  p.N = static_cast<int>(s.N);
+  p.H = static_cast<int>(s.H);
+  p.D = static_cast<int>(s.D);
+  p.R = static_cast<int>(s.R);
+  p.q_batch_stride = q.stride(0); p.q_row_stride = q.stride(1); p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0); p.k_row_stride = k.stride(1); p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0); p.v_row_stride = v.stride(1); p.v_head_stride = v.stride(2);
+  if (s.R > 0) {
+    const int o = s.bias_batched ? 1 : 0;
+    p.bq_batch_stride = s.bias_batched ? bias_q.stride(0) : 0;
+    p.bq_head_stride = bias_q.stride(o);
+    p.bq_row_stride = bias_q.stride(o + 1);
+    p.bk_batch_stride = s.bias_batched ? bias_k.stride(0) : 0;
+    p.bk_head_stride = bias_k.stride(o);
+    p.bk_row_stride = bias_k.stride(o + 1);
+  }
+}
+
 }  // namespace rfsr

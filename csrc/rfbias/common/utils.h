@@ -1,5 +1,5 @@
-// Small device helpers shared by the rfbias kernels: asynchronous copies, register-layout views and the
-// two GEMM shapes of the forward pass. CuTe/CUTLASS only, no torch.
+// Small device helpers shared by the rfbias kernels: asynchronous copies, register-layout views, the two GEMM
+// shapes of the sm80 kernels, quad reductions and 16-bit stores. CuTe/CUTLASS only, no torch.
 #pragma once
 
 #include <cstdint>
@@ -123,6 +123,19 @@ __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   x += __shfl_xor_sync(0xffffffffu, x, 2);
   return x;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Stores of fp32 results in the 16-bit element type.
+
+// Two adjacent elements (one 4-byte store: D and even columns keep it aligned).
+template <typename Element>
+__device__ __forceinline__ void store_pair(Element* dst, float a, float b) {
+  cutlass::Array<float, 2> f;
+  f[0] = a;
+  f[1] = b;
+  cutlass::NumericArrayConverter<Element, float, 2> conv;
+  *reinterpret_cast<cutlass::Array<Element, 2>*>(dst) = conv(f);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

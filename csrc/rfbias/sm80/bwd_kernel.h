@@ -30,6 +30,7 @@
 #include "../params_bwd.h"
 #include "../common/utils.h"
 #include "copy.h"
+#include "kernel_traits.h"
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
@@ -68,13 +69,9 @@ struct BwdTraitsSm80 {
   static constexpr int kQKStride = kDqk + 8;
   static constexpr int kVStride = kDv + 8;
 
-  using MmaOp = std::conditional_t<std::is_same_v<Element, cutlass::half_t>, cute::SM80_16x8x16_F32F16F16F32_TN,
-                                   cute::SM80_16x8x16_F32BF16BF16F32_TN>;
-  using TiledMma = cute::TiledMMA<cute::MMA_Atom<MmaOp>,
-                                  cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
-                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
-  using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
-  using SmemCopyAtomT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
+  using TiledMma = typename Sm80MmaAtoms<Element, kNWarps>::TiledMma;
+  using SmemCopyAtom = typename Sm80MmaAtoms<Element, kNWarps>::SmemCopyAtom;
+  using SmemCopyAtomT = typename Sm80MmaAtoms<Element, kNWarps>::SmemCopyAtomT;
 
   template <int kRows>
   using RowsQK = cute::Layout<cute::Shape<cute::Int<kRows>, cute::Int<kDqk>>,
@@ -115,16 +112,6 @@ struct Slot {
     delta = lse2 + kRows;
   }
 };
-
-// Stores a pair of fp32 values as two adjacent elements (4-byte aligned since D and col are even).
-template <typename Element>
-__device__ __forceinline__ void store_pair(Element* dst, float a, float b) {
-  cutlass::Array<float, 2> f;
-  f[0] = a;
-  f[1] = b;
-  cutlass::NumericArrayConverter<Element, float, 2> conv;
-  *reinterpret_cast<cutlass::Array<Element, 2>*>(dst) = conv(f);
-}
 
 // Asynchronous copy of kRows rows of a (B, N, H, D)-strided tensor into columns [0, D) of a slot part.
 template <class Traits, int kRows, int kSStride, int kWidth>
@@ -298,7 +285,7 @@ __device__ __forceinline__ void store_rows(Tensor const& acc_rc, Coord const& c_
     CUTE_UNROLL
     for (int nj = 0; nj < size<1>(acc_rc) / 2; ++nj) {
       const int col = int(get<1>(c_rc(mi, 2 * nj)));
-      if (col < D) store_pair(base + row * row_stride + col, acc_rc(mi, 2 * nj) * mult, acc_rc(mi, 2 * nj + 1) * mult);
+      if (col < D) dev::store_pair(base + row * row_stride + col, acc_rc(mi, 2 * nj) * mult, acc_rc(mi, 2 * nj + 1) * mult);
     }
   }
 }

@@ -1,4 +1,5 @@
-// Compile-time configuration of the sm80 (mma.sync m16n8k16) forward kernel.
+// Compile-time configuration of the sm80 (mma.sync m16n8k16) kernels: the MMA/copy atoms both directions use, and
+// the forward's tiles (the backward's are in bwd_kernel.h).
 #pragma once
 
 #include <type_traits>
@@ -9,6 +10,19 @@
 #include <cutlass/numeric_types.h>
 
 namespace rfsr {
+
+// m16n8k16 MMA with fp32 accumulation, kNWarps warps stacked along M (16 rows each), and the ldmatrix atoms that
+// feed it (plain, and transposed for operands stored the other way round).
+template <typename Element, int kNWarps>
+struct Sm80MmaAtoms {
+  using MmaOp = std::conditional_t<std::is_same_v<Element, cutlass::half_t>, cute::SM80_16x8x16_F32F16F16F32_TN,
+                                   cute::SM80_16x8x16_F32BF16BF16F32_TN>;
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<MmaOp>,
+                                  cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
+                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
+  using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
+  using SmemCopyAtomT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
+};
 
 // kDqk: width of the packed [q | bias_q | 0] and [k | bias_k | 0] rows (multiple of 16).
 // kDv:  width of v and of the output accumulator (multiple of 16, >= D).
@@ -36,11 +50,7 @@ struct FwdTraitsSm80 {
   static constexpr int kQKStride = kDqk + 8;
   static constexpr int kVStride = kDv + 8;
 
-  using MmaOp = std::conditional_t<std::is_same_v<Element, cutlass::half_t>, cute::SM80_16x8x16_F32F16F16F32_TN,
-                                   cute::SM80_16x8x16_F32BF16BF16F32_TN>;
-  using TiledMma = cute::TiledMMA<cute::MMA_Atom<MmaOp>,
-                                  cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
-                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
+  using TiledMma = typename Sm80MmaAtoms<Element, kNWarps>::TiledMma;
 
   using SmemLayoutQ = cute::Layout<cute::Shape<cute::Int<kBlockM>, cute::Int<kDqk>>,
                                    cute::Stride<cute::Int<kQKStride>, cute::_1>>;
@@ -50,8 +60,8 @@ struct FwdTraitsSm80 {
   using SmemLayoutVt = cute::Layout<cute::Shape<cute::Int<kDv>, cute::Int<kBlockN>>,
                                     cute::Stride<cute::_1, cute::Int<kVStride>>>;
 
-  using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
-  using SmemCopyAtomTransposed = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
+  using SmemCopyAtom = typename Sm80MmaAtoms<Element, kNWarps>::SmemCopyAtom;
+  using SmemCopyAtomTransposed = typename Sm80MmaAtoms<Element, kNWarps>::SmemCopyAtomT;
 
   static constexpr int kSmemQ = kBlockM * kQKStride;  // elements
   static constexpr int kSmemK = kBlockN * kQKStride;

@@ -485,13 +485,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       CUTE_UNROLL
       for (int nj = 0; nj < size<1>(O) / 2; ++nj) {
         const int col = int(get<1>(cO_rc(mi, 2 * nj)));
-        if (col < D) {
-          cutlass::Array<float, 2> f;
-          f[0] = O(mi, 2 * nj) * inv;
-          f[1] = O(mi, 2 * nj + 1) * inv;
-          cutlass::NumericArrayConverter<Element, float, 2> conv;
-          *reinterpret_cast<cutlass::Array<Element, 2>*>(orow + col) = conv(f);
-        }
+        if (col < D) dev::store_pair(orow + col, O(mi, 2 * nj) * inv, O(mi, 2 * nj + 1) * inv);
       }
       if (int(get<1>(cO_rc(mi, 0))) == 0) lse_base[row] = (row_max[mi] * scale_log2 + log2f(sum)) * kLn2;
     }
