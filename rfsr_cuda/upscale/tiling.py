@@ -162,33 +162,42 @@ class _ValidRegion:
             return None
         return self.valid * torch.tensor([H // th, W // tw])
 
-    def _zero_outside(self, module: nn.Module, args: tuple):
-        x = args[0]
-        key = ("zero", tuple(x.shape[-2:]), x.device)
-        mask = self._cache.get(key)
-        if mask is None:
+    def _per_size(self, kind: str, x: torch.Tensor, build):
+        """build(x, extent) for maps of x's size, cached per (kind, size, device); None when x is not tile-shaped."""
+        key = (kind, tuple(x.shape[-2:]), x.device)
+        if key not in self._cache:
             ext = self._extent(x)
             if ext is None:
                 return None
-            rows = torch.arange(x.shape[-2])[None, :] >= ext[:, :1]
-            cols = torch.arange(x.shape[-1])[None, :] >= ext[:, 1:]
-            mask = self._cache[key] = (rows[:, None, :, None] | cols[:, None, None, :]).to(x.device)
+            self._cache[key] = build(x, ext)
+        return self._cache[key]
+
+    @staticmethod
+    def _outside_mask(x: torch.Tensor, ext: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(x.shape[-2])[None, :] >= ext[:, :1]
+        cols = torch.arange(x.shape[-1])[None, :] >= ext[:, 1:]
+        return (rows[:, None, :, None] | cols[:, None, None, :]).to(x.device)
+
+    @staticmethod
+    def _mirror_indices(x: torch.Tensor, ext: torch.Tensor) -> tuple:
+        H, W = x.shape[-2:]
+        rows = torch.stack([_mirror_index(H, int(v)) for v in ext[:, 0]])
+        cols = torch.stack([_mirror_index(W, int(v)) for v in ext[:, 1]])
+        b = torch.arange(len(ext))
+        return b[:, None, None].to(x.device), rows[:, :, None].to(x.device), cols[:, None, :].to(x.device)
+
+    def _zero_outside(self, module: nn.Module, args: tuple):
+        x = args[0]
+        mask = self._per_size("zero", x, self._outside_mask)
+        if mask is None:
+            return None
         return (x.masked_fill(mask, 0),) + tuple(args[1:])  # masked_fill, not a product: NaN beyond stays out
 
     def _mirror_outside(self, module: nn.Module, args: tuple):
         x = args[0]
-        key = ("mirror", tuple(x.shape[-2:]), x.device)
-        idx = self._cache.get(key)
+        idx = self._per_size("mirror", x, self._mirror_indices)
         if idx is None:
-            ext = self._extent(x)
-            if ext is None:
-                return None
-            H, W = x.shape[-2:]
-            rows = torch.stack([_mirror_index(H, int(v)) for v in ext[:, 0]])
-            cols = torch.stack([_mirror_index(W, int(v)) for v in ext[:, 1]])
-            b = torch.arange(len(ext))
-            idx = self._cache[key] = (b[:, None, None].to(x.device), rows[:, :, None].to(x.device),
-                                      cols[:, None, :].to(x.device))
+            return None
         # one gather on the channels-last view: the result is channels-last, the layout SST's activations use
         return (x.permute(0, 2, 3, 1)[idx].permute(0, 3, 1, 2),) + tuple(args[1:])
 
