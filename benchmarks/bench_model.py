@@ -39,7 +39,6 @@ backend runs ATen kernels, not the CUDA one. Exit status 1 when any row failed (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import gc
 import json
@@ -387,21 +386,12 @@ def main(argv=None):
         dev_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     import rfsr_cuda  # noqa: F401  (registers torch.ops.rfsr)
 
-    settings = contextlib.ExitStack()
-    if any(r[2] == "compile" for r in rows):
-        import torch._inductor.config as inductor_config
-
-        # Inductor's layout optimisation hands saved 4-D activations to the backward graph channels-last, and
-        # flash_rfbias_bwd rejects an ``out`` without a unit last-dim stride; the model is channels-last already.
-        settings.enter_context(inductor_config.patch(layout_optimization=False))
-
     now = _dt.datetime.now(_dt.timezone.utc)
     res = {"device": dev_name, "device_slug": device_slug(device), "torch": torch.__version__,
            "cuda": torch.version.cuda, "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
            "rows_planned": [row_name(*r) for r in rows],
            "precision_notes": {p: PRECISIONS[p] for p in sorted({r[1] for r in rows})},
            "mode_notes": {m: MODES[m] for m in sorted({r[2] for r in rows})}, "compile_mode": a.compile_mode,
-           "inductor_layout_optimization": False if any(r[2] == "compile" for r in rows) else None,
            "tf32": device.type == "cuda" and not a.no_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark,
            "scale": SCALE, "small": a.small, "iters": a.iters, "warmup": a.warmup,
            "tasks": {t: dict(zip(("kind", "batch", "lr_h", "lr_w"), tasks_spec[t])) for t in tasks},
@@ -422,8 +412,7 @@ def main(argv=None):
                                          f"{'-small' if a.small else ''}.json")
     print(f"{dev_name}  torch {torch.__version__}  -> {out_path}", flush=True)
 
-    with settings:
-        run_all(res, rows, models, tasks, tasks_spec, a, device, out_path)
+    run_all(res, rows, models, tasks, tasks_spec, a, device, out_path)
     write(res, out_path)
     print_table(res, a.small)
     print(f"wrote {out_path}")

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 
 namespace rfsr {
 
@@ -107,6 +108,27 @@ inline void check_bwd_inputs(const RfbiasShape& s, const at::Tensor& q, const at
   TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype_for(q.scalar_type()), "lse must have dtype ",
                    c10::toString(lse_dtype_for(q.scalar_type())), " for ", dtype_str(q), " inputs, got ",
                    dtype_str(lse));
+}
+
+// The backward takes its inputs with any strides. They are mostly tensors autograd saved, and torch.compile may
+// hand those back re-strided (inductor's layout optimisation lays 4-D activations out channels-last), so a user
+// cannot be asked to fix them. The kernels need a unit last-dim stride: copy only where it is missing.
+inline at::Tensor with_unit_last_stride(const at::Tensor& t) {
+  return (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BwdFn = BwdResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+
+// The registered flash_rfbias_bwd of a device: Fn on unit-last-stride inputs.
+template <BwdFn Fn>
+BwdResult bwd_any_strides(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& bias_q, const at::Tensor& bias_k, const at::Tensor& out,
+                          const at::Tensor& lse, double scale) {
+  return Fn(with_unit_last_stride(grad_out), with_unit_last_stride(q), with_unit_last_stride(k),
+            with_unit_last_stride(v), with_unit_last_stride(bias_q), with_unit_last_stride(bias_k),
+            with_unit_last_stride(out), with_unit_last_stride(lse), scale);
 }
 
 }  // namespace rfsr

@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
 }
 
 #if defined(RFSR_WITH_CUDA_BWD)
-TORCH_LIBRARY_IMPL(rfsr, CUDA, m) { m.impl("flash_rfbias_bwd", &flash_rfbias_bwd_cuda); }
+TORCH_LIBRARY_IMPL(rfsr, CUDA, m) { m.impl("flash_rfbias_bwd", &bwd_any_strides<&flash_rfbias_bwd_cuda>); }
 #endif
 
 }  // namespace rfsr

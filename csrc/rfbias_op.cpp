@@ -168,12 +168,12 @@ TORCH_LIBRARY_IMPL(rfsr, CompositeImplicitAutograd, m) { m.impl("flash_rfbias", 
 
 TORCH_LIBRARY_IMPL(rfsr, CPU, m) {
   m.impl("flash_rfbias_fwd", &flash_rfbias_fwd_aten);
-  m.impl("flash_rfbias_bwd", &flash_rfbias_bwd_aten);
+  m.impl("flash_rfbias_bwd", &bwd_any_strides<&flash_rfbias_bwd_aten>);
 }
 
 #if defined(RFSR_WITH_CUDA) && !defined(RFSR_WITH_CUDA_BWD)
 // Until the fused backward kernel is built, CUDA gradients come from the same chunked ATen code.
-TORCH_LIBRARY_IMPL(rfsr, CUDA, m) { m.impl("flash_rfbias_bwd", &flash_rfbias_bwd_aten); }
+TORCH_LIBRARY_IMPL(rfsr, CUDA, m) { m.impl("flash_rfbias_bwd", &bwd_any_strides<&flash_rfbias_bwd_aten>); }
 #endif
 
 }  // namespace rfsr

@@ -21,8 +21,9 @@ def _same_device_dtype(q: torch.Tensor, t: torch.Tensor, name: str) -> None:
                         "(cast the factors to q's dtype)")
 
 
-def check_fwd_inputs(q, k, v, bias_q, bias_k):
-    """Returns (B, N, H, D, R, bias_batched) or raises ValueError/TypeError naming the argument."""
+def check_fwd_inputs(q, k, v, bias_q, bias_k, *, unit_stride: bool = True):
+    """Returns (B, N, H, D, R, bias_batched) or raises ValueError/TypeError naming the argument. ``unit_stride``
+    False: any strides (the backward, which copies where the last dim is not unit-stride)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("bias_q", bias_q), ("bias_k", bias_k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -47,8 +48,9 @@ def check_fwd_inputs(q, k, v, bias_q, bias_k):
         raise ValueError(f"bias_k must have the shape of bias_q {list(bias_q.shape)}, got {list(bias_k.shape)}")
     for name, t in (("k", k), ("v", v), ("bias_q", bias_q), ("bias_k", bias_k)):
         _same_device_dtype(q, t, name)
-    for name, t in (("q", q), ("k", k), ("v", v), ("bias_q", bias_q), ("bias_k", bias_k)):
-        _last_dim_unit_stride(t, name)
+    if unit_stride:
+        for name, t in (("q", q), ("k", k), ("v", v), ("bias_q", bias_q), ("bias_k", bias_k)):
+            _last_dim_unit_stride(t, name)
     return B, N, H, D, bias_q.shape[-1], batched
 
 
@@ -64,12 +66,12 @@ def lse_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_bwd_inputs(grad_out, q, out, lse) -> None:
+    """The backward's own inputs; any strides (csrc/rfbias_checks.h ``bwd_any_strides``)."""
     B, N, H, _ = q.shape
     for name, t in (("grad_out", grad_out), ("out", out)):
         if t.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {list(q.shape)}, got {list(t.shape)}")
         _same_device_dtype(q, t, name)
-        _last_dim_unit_stride(t, name)
     if lse.dim() != 3 or tuple(lse.shape) != (B, H, N):
         raise ValueError(f"lse must be (B, H, N) = ({B}, {H}, {N}), got shape {list(lse.shape)}")
     if lse.device != q.device:

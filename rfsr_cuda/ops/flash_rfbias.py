@@ -34,7 +34,7 @@ def _fwd_fake(q, k, v, bias_q, bias_k, scale):
 
 @torch.library.register_fake("rfsr::flash_rfbias_bwd")
 def _bwd_fake(grad_out, q, k, v, bias_q, bias_k, out, lse, scale):
-    _checks.check_fwd_inputs(q, k, v, bias_q, bias_k)
+    _checks.check_fwd_inputs(q, k, v, bias_q, bias_k, unit_stride=False)
     _checks.check_bwd_inputs(grad_out, q, out, lse)
     _checks.check_scale(scale)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -52,15 +52,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    # The kernels take any strides but a unit last-dim stride. Under torch.compile the saved tensors (and grad_out)
-    # may come back with another layout (inductor's layout optimisation re-strides saved activations).
-    return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
-
-
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, bias_q, bias_k, out, lse = (_unit_last_stride(t) for t in ctx.saved_tensors)
-    grad_out = torch.zeros_like(out) if grad_out is None else _unit_last_stride(grad_out)
+    # flash_rfbias_bwd takes any strides (under torch.compile the saved tensors may come back re-strided)
+    q, k, v, bias_q, bias_k, out, lse = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grads = torch.ops.rfsr.flash_rfbias_bwd(grad_out, q, k, v, bias_q, bias_k, out, lse, ctx.scale)
     return (*grads, None)
 
