@@ -490,8 +490,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
 
         # every parameter gets a gradient each step (the RIB factors are recomputed from their parameters in
         # training mode, never cached), so find_unused_parameters stays off; SST has no buffers (no BatchNorm), so
-        # there is nothing for DDP to broadcast per forward
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # there is nothing for DDP to broadcast per forward. Gradients live in the all-reduce buckets (no copy of
+        # each of the ~800 gradients into its bucket per step, and no second copy of them in memory)
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              gradient_as_bucket_view=True)
     forward = torch.compile(train_model) if cfg.compile else train_model
     use_amp = cfg.amp and device.type == "cuda"
     eval_model = ema.module if ema is not None else model
