@@ -17,7 +17,7 @@ from ..nn import ConvFFN, LayerNorm2d, SSTBlock, Upsampler
 from ..nn import set_attn_backend as _set_attn_backend
 from ..nn.attention import check_attn_backend, check_gate_type
 from ..nn.layers import check_upsampler
-from ..nn.rib import check_positive_int
+from ..nn.rib import autocast_enabled, check_positive_int
 
 
 def _per_layer(value, n: int, name: str) -> tuple[int, ...]:
@@ -202,7 +202,7 @@ class SST(nn.Module):
             raise ValueError(f"x is {x.shape[-2]}×{x.shape[-1]}, but each side must be >= {self.min_input_size} "
                              f"for the window sizes {self.config.window_sizes} (reflect padding)")
         h = x
-        if x.dtype != self.compute_dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != self.compute_dtype and not autocast_enabled(x.device.type):
             h = x.to(self.compute_dtype)
         # Channels-last activations: the convs keep the layout, and LayerNorm and the attention's 1×1 GEMMs then
         # read (B, H, W, C) views without copies.

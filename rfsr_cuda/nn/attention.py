@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import flash_rfbias, flash_rfbias_concat, flash_rfbias_reference
-from .rib import RIB, check_positive_int, conv1x1, move_words, no_autocast
+from .rib import RIB, autocast_enabled, check_positive_int, conv1x1, move_words, no_autocast
 
 ATTN_BACKENDS = ("fused", "concat", "reference")
 GATE_TYPES = (None, "DWC", "Linear")
@@ -203,7 +203,7 @@ class RIBWindowAttention(RIB):
         # (the fused op's output is contiguous: then heads and channels merge too, for word-wise gathers)
         out = out.view(B, nh, nw, wh, ww, C) if out.is_contiguous() \
             else out.view(B, nh, nw, wh, ww, self.num_heads, -1)
-        autocast = torch.is_autocast_enabled(out.device.type)
+        autocast = autocast_enabled(out.device.type)
         if reindex:  # merge + unshift + crop: one gather -> (B, H, W, C)
             out = move_words(out, lambda t: t[:, win_r, win_c, off_r, off_c]).reshape(B, H, W, C)
             if gate is not None:

@@ -60,10 +60,19 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
     return value
 
 
+def _has_autocast(device_type: str) -> bool:
+    # (the common types first: torch.compile of torch 2.11 cannot trace is_autocast_available)
+    return device_type in ("cuda", "cpu") or torch.amp.is_autocast_available(device_type)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False where autocast does not exist (e.g. 'meta')."""
+    return _has_autocast(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def no_autocast(device_type: str):
     """A context that turns autocast off on ``device_type`` (a no-op where autocast does not exist)."""
-    # (the common types first: torch.compile of torch 2.11 cannot trace is_autocast_available)
-    if device_type in ("cuda", "cpu") or torch.amp.is_autocast_available(device_type):
+    if _has_autocast(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
