@@ -1,15 +1,18 @@
 // rfsr::flash_rfbias: the op schema (defined once, here), the composite entry point and the ATen kernels.
 //
-// The ATen kernels (the CPU implementation, also the CUDA path for float32/float64 inputs and for the backward
-// until a fused one is registered) work over chunks of query rows, so memory stays O(rows_per_chunk * N) rather than
-// O(N^2) per window, and recompute the probabilities from the saved log-sum-exp in the backward as the fused
-// kernels do. The pure-PyTorch oracle for tests lives in rfsr_cuda.ops.reference.
+// The ATen kernels (the CPU implementation; the backward also serves CUDA inputs the fused backward does not
+// cover) work over chunks of query rows, so memory stays O(rows_per_chunk * N) rather than O(N^2) per window. The
+// forward hands each chunk to ATen's fused CPU attention with the factor product as an additive mask; the backward
+// recomputes the probabilities from the saved log-sum-exp as the fused kernels do. The pure-PyTorch oracle for tests
+// lives in rfsr_cuda.ops.reference.
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 
 #include "rfbias_aten.h"
@@ -33,10 +36,21 @@ Plan plan_chunks(const RfbiasShape& s) {
   return {batch_block, rows};
 }
 
+// The kernels compute in float32 (float64 for float64 inputs) whatever autocast is on: the ATen ops they call would
+// otherwise run under the caller's autocast (bf16 matmuls, and a mask whose dtype no longer matches the queries).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 at::ScalarType compute_dtype_for(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// (B, N, H, X) -> (B, H, N, X) view in the compute dtype (a copy only when the dtype changes).
-at::Tensor heads_first(const at::Tensor& t, at::ScalarType cd) { return t.to(cd).permute({0, 2, 1, 3}); }
+// (B, N, H, X) -> (B, H, N, X) view in the compute dtype with a unit last-dim stride (a copy only when the dtype
+// changes, or X = 1 came with another stride).
+at::Tensor heads_first(const at::Tensor& t, at::ScalarType cd) {
+  auto c = t.to(cd);
+  if (c.size(-1) == 1 && c.stride(-1) != 1) c = c.contiguous();
+  return c.permute({0, 2, 1, 3});
+}
 
 // Logits scale * q k^T + bq bk^T for windows [b0, b1) and query rows [n0, n1): (bb, H, rows, N).
 at::Tensor logits_chunk(const at::Tensor& qh, const at::Tensor& kh, const at::Tensor& bq, const at::Tensor& bk,
@@ -58,26 +72,40 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_aten(const at::Tensor& q, co
                                                         const at::Tensor& bias_k, double scale) {
   const RfbiasShape s = check_fwd_inputs(q, k, v, bias_q, bias_k);
   check_scale(scale);
+  const NoAutocast no_autocast;
   const auto cd = compute_dtype_for(q.scalar_type());
   auto out = at::empty({s.B, s.N, s.H, s.D}, q.options());
   auto lse = at::empty({s.B, s.H, s.N}, q.options().dtype(lse_dtype_for(q.scalar_type())));
   if (s.B == 0 || s.N == 0 || s.H == 0) return {out, lse};
 
+  // ATen's fused CPU attention (blocked online softmax over key blocks, multithreaded, and it returns the
+  // log-sum-exp) takes the factor product as an additive mask. Only the mask rows of one chunk of queries exist at
+  // a time, and with shared factors one chunk serves every window.
   const auto qh = heads_first(q, cd), kh = heads_first(k, cd), vh = heads_first(v, cd);
   const auto bq = bias_q.to(cd), bk = bias_k.to(cd);
   auto out_h = out.permute({0, 2, 1, 3});  // write through a view into the (B, N, H, D) result
-  const Plan p = plan_chunks(s);
-  for (int64_t b0 = 0; b0 < s.B; b0 += p.batch_block) {
-    const int64_t b1 = std::min(s.B, b0 + p.batch_block);
-    for (int64_t n0 = 0; n0 < s.N; n0 += p.rows) {
-      const int64_t n1 = std::min(s.N, n0 + p.rows);
-      auto logits = logits_chunk(qh, kh, bq, bk, s, scale, b0, b1, n0, n1);
-      auto row_max = std::get<0>(logits.max(-1, /*keepdim=*/true));
-      auto probs = logits.sub_(row_max).exp_();
-      auto row_sum = probs.sum(-1, /*keepdim=*/true);
-      auto o = at::matmul(probs, vh.slice(0, b0, b1)).div_(row_sum);
+  const int64_t per_row = std::max<int64_t>(1, s.H * s.N);
+  // shared factors: all windows per call, the mask (1, H, rows, N); per-batch factors: the mask (bb, H, rows, N)
+  const Plan p = s.bias_batched || s.R == 0
+      ? plan_chunks(s)
+      : Plan{s.B, std::clamp<int64_t>(kChunkElems / per_row, 1, s.N)};
+  for (int64_t n0 = 0; n0 < s.N; n0 += p.rows) {
+    const int64_t n1 = std::min(s.N, n0 + p.rows);
+    at::Tensor shared_mask;
+    if (s.R > 0 && !s.bias_batched) shared_mask = at::matmul(bq.slice(1, n0, n1), bk.transpose(-1, -2)).unsqueeze(0);
+    for (int64_t b0 = 0; b0 < s.B; b0 += p.batch_block) {
+      const int64_t b1 = std::min(s.B, b0 + p.batch_block);
+      std::optional<at::Tensor> mask;
+      if (shared_mask.defined()) {
+        mask = shared_mask;
+      } else if (s.R > 0) {
+        mask = at::matmul(bq.slice(0, b0, b1).slice(2, n0, n1), bk.slice(0, b0, b1).transpose(-1, -2));
+      }
+      auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
+          qh.slice(0, b0, b1).slice(2, n0, n1), kh.slice(0, b0, b1), vh.slice(0, b0, b1), /*dropout_p=*/0.0,
+          /*is_causal=*/false, mask, scale);
       out_h.slice(0, b0, b1).slice(2, n0, n1).copy_(o);
-      lse.slice(0, b0, b1).slice(2, n0, n1).copy_((row_max + row_sum.log()).squeeze(-1));
+      lse.slice(0, b0, b1).slice(2, n0, n1).copy_(l);
     }
   }
   return {out, lse};
@@ -90,6 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
   const RfbiasShape s = check_fwd_inputs(q, k, v, bias_q, bias_k);
   check_bwd_inputs(s, q, grad_out, out, lse);
   check_scale(scale);
+  const NoAutocast no_autocast;
   const auto cd = compute_dtype_for(q.scalar_type());
   const auto opts = q.options().dtype(cd);
   auto dq = at::zeros({s.B, s.H, s.N, s.D}, opts);

@@ -146,6 +146,27 @@ def test_backward_takes_saved_tensors_with_any_layout():
 
 
 @pytest.mark.parametrize("batched", [False, True])
+def test_cpu_op_ignores_autocast(batched):
+    # the CPU kernels compute in float32 whatever autocast the caller has on (as the CUDA kernels do): same values
+    # and gradients with and without torch.autocast(bfloat16)
+    ins = make_inputs(3, 40, 2, 6, 5, batched=batched)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in ins]
+        out = flash_rfbias(*leaves)
+        out.backward(torch.ones_like(out))
+        return out.detach(), [t.grad for t in leaves]
+
+    plain_out, plain_grads = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_out, auto_grads = run()
+    assert auto_out.dtype == torch.float32
+    torch.testing.assert_close(auto_out, plain_out, rtol=0, atol=0)
+    for a, b in zip(auto_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batched", [False, True])
 def test_gradcheck_float64(batched):
     ins = [t.double().requires_grad_() for t in make_inputs(2, 7, 2, 3, 2, batched=batched)]
     assert torch.autograd.gradcheck(lambda *x: flash_rfbias(*x, scale=0.8), ins)
