@@ -156,9 +156,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
           dbq.slice(0, b0, b1).slice(2, n0, n1).copy_(at::matmul(ds, bk.slice(0, b0, b1)));
           dbk.slice(0, b0, b1).add_(at::matmul(ds.transpose(-1, -2), bq.slice(0, b0, b1).slice(2, n0, n1)));
         } else {
-          // shared factors: the gradient is the sum over windows, reduced in a fixed order
-          dbq.slice(1, n0, n1).add_(at::matmul(ds, bk).sum(0));
-          dbk.add_(at::matmul(ds.transpose(-1, -2), bq.slice(1, n0, n1)).sum(0));
+          // shared factors: the gradient is the sum over windows (fixed order); summing dLogits over the windows
+          // of the chunk first leaves one product per chunk instead of one per window
+          const auto ds_sum = ds.sum(0);  // (H, rows, N)
+          dbq.slice(1, n0, n1).add_(at::matmul(ds_sum, bk));
+          dbk.add_(at::matmul(ds_sum.transpose(-1, -2), bq.slice(1, n0, n1)));
         }
       }
     }
