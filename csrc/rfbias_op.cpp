@@ -84,21 +84,19 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_aten(const at::Tensor& q, co
   const auto qh = heads_first(q, cd), kh = heads_first(k, cd), vh = heads_first(v, cd);
   const auto bq = bias_q.to(cd), bk = bias_k.to(cd);
   auto out_h = out.permute({0, 2, 1, 3});  // write through a view into the (B, N, H, D) result
-  const int64_t per_row = std::max<int64_t>(1, s.H * s.N);
-  // shared factors: all windows per call, the mask (1, H, rows, N); per-batch factors: the mask (bb, H, rows, N)
-  const Plan p = s.bias_batched || s.R == 0
+  // Per-batch factors: the mask is (bb, H, rows, N), chunked as the backward's logits. Otherwise one call takes
+  // every window, and the shared mask (1, H, rows, N), if any, bounds the rows.
+  const Plan p = s.bias_batched
       ? plan_chunks(s)
-      : Plan{s.B, std::clamp<int64_t>(kChunkElems / per_row, 1, s.N)};
+      : Plan{s.B, std::clamp<int64_t>(kChunkElems / std::max<int64_t>(1, s.H * s.N), 1, s.N)};
+  const bool has_bias = s.R > 0;
   for (int64_t n0 = 0; n0 < s.N; n0 += p.rows) {
     const int64_t n1 = std::min(s.N, n0 + p.rows);
-    at::Tensor shared_mask;
-    if (s.R > 0 && !s.bias_batched) shared_mask = at::matmul(bq.slice(1, n0, n1), bk.transpose(-1, -2)).unsqueeze(0);
+    std::optional<at::Tensor> mask;
+    if (has_bias && !s.bias_batched) mask = at::matmul(bq.slice(1, n0, n1), bk.transpose(-1, -2)).unsqueeze(0);
     for (int64_t b0 = 0; b0 < s.B; b0 += p.batch_block) {
       const int64_t b1 = std::min(s.B, b0 + p.batch_block);
-      std::optional<at::Tensor> mask;
-      if (shared_mask.defined()) {
-        mask = shared_mask;
-      } else if (s.R > 0) {
+      if (has_bias && s.bias_batched) {
         mask = at::matmul(bq.slice(0, b0, b1).slice(2, n0, n1), bk.slice(0, b0, b1).transpose(-1, -2));
       }
       auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
