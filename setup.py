@@ -4,7 +4,8 @@ CUDA kernels are compiled when this torch is a CUDA build and nvcc is found; oth
 kernels only, and the op still registers. Environment knobs:
   RFSR_SKIP_CUDA_BUILD=1     CPU-only build even where CUDA is available
   RFSR_CUDA_ARCHS="80;90"    compute capabilities to build for (the sm80 path runs on both)
-  RFSR_KERNELS=all|reduced|a,b   compile all kernel instantiations, the CI set, or those whose names contain a or b
+  RFSR_KERNELS=all|reduced|a,b   compile every sm80 kernel ("all"; "all,sm90" adds the wgmma forward, the default
+                             when building for 9.0), the CI set, or the kernels whose names contain a or b
   RFSR_CUTLASS_INCLUDE=DIR   CUTLASS/CuTe headers (default: the `nvidia-cutlass` package, installed with --no-deps)
 """
 import glob
@@ -59,13 +60,20 @@ def kernel_sources() -> list:
                                                   os.path.join(CSRC, "rfbias", "generate_instantiations.py"))
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    return [os.path.relpath(f) for f in gen.kernel_sources(os.environ.get("RFSR_KERNELS", "all"))]
+    spec = os.environ.get("RFSR_KERNELS", "").strip()
+    if not spec:  # default: every sm80 kernel, plus the wgmma forward when building for 9.0
+        spec = "all,sm90" if any(a.startswith("90") for a in _arch_list()) else "all"
+    return [os.path.relpath(f) for f in gen.kernel_sources(spec)]
+
+
+def _arch_list() -> list:
+    return [a.strip().replace(".", "") for a in os.environ.get("RFSR_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+            if a.strip()]
 
 
 def cuda_arch_flags() -> list:
     flags, plain = [], []
-    for arch in os.environ.get("RFSR_CUDA_ARCHS", "80;90").replace(",", ";").split(";"):
-        arch = arch.strip().replace(".", "")
+    for arch in _arch_list():
         if arch == "90":  # the wgmma kernels need the arch-specific sm_90a target (H100/H200 run it)
             arch = "90a"
         if arch:

@@ -49,20 +49,28 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   const RfbiasDtype dtype = st == at::kHalf ? RfbiasDtype::kFloat16 : RfbiasDtype::kBFloat16;
   int count = 0;
   const RfbiasFwdKernel* table = rfbias_fwd_kernels(&count);
-  // Kernel path: the sm80 (mma.sync) kernels run everywhere and are the default. RFSR_FWD_PATH=sm90 asks for the
-  // experimental wgmma kernels (9.x devices, built with RFSR_KERNELS=all,sm90), which are so far slower than sm80
-  // (benchmarks/results); a request that cannot be met is an error rather than a silent fallback.
+  // Kernel path. The sm80 (mma.sync) kernels run everywhere. On 9.x devices the wgmma (sm90) kernels take the
+  // large windows (N >= kSm90MinN) of the narrow buckets, where they measured faster (benchmarks/results, H200);
+  // elsewhere sm80 stays the default. RFSR_FWD_PATH=sm80|sm90 forces a path: a request that cannot be met is an
+  // error rather than a silent fallback.
   const char* path_env = std::getenv("RFSR_FWD_PATH");
   const std::string path = path_env != nullptr ? std::string(path_env) : std::string();
   TORCH_CHECK_VALUE(path.empty() || path == "sm80" || path == "sm90",
                     "RFSR_FWD_PATH must be sm80 or sm90 (or unset), got '", path, "'");
-  const int path_cap = path == "sm90" ? 90 : 80;
-  const RfbiasFwdKernel* kernel = pick_kernel(table, count, dtype, s.D, s.R, arch, path_cap);
+  const RfbiasFwdKernel* kernel = pick_kernel(table, count, dtype, s.D, s.R, arch, path == "sm90" ? 90 : 80);
   TORCH_CHECK_VALUE(kernel != nullptr, "flash_rfbias: no CUDA kernel compiled for dtype ", dtype_str(q_in), ", D=", num(s.D), ", R=",
                     num(s.R), " (this build selected a subset with RFSR_KERNELS; rebuild with RFSR_KERNELS unset)");
   TORCH_CHECK_VALUE(path != "sm90" || kernel->min_arch == 90, "RFSR_FWD_PATH=sm90: no wgmma kernel for dtype ",
                     dtype_str(q_in), ", D=", num(s.D), ", R=", num(s.R), " on device ", dev_str(q_in), " (", prop->name,
-                    "): it needs compute capability 9.x and a build with RFSR_KERNELS=all,sm90");
+                    "): it needs compute capability 9.x and a build that includes the sm90 kernels");
+  constexpr int64_t kSm90MinN = 2048;
+  if (path.empty() && arch / 10 == 9 && s.N >= kSm90MinN) {
+    const RfbiasFwdKernel* wgmma = pick_kernel(table, count, dtype, s.D, s.R, arch, 90);
+    if (wgmma != nullptr && wgmma->min_arch == 90 && wgmma->dqk == kernel->dqk && wgmma->dv == kernel->dv &&
+        wgmma->dqk <= 64 && wgmma->dv == 32) {
+      kernel = wgmma;
+    }
+  }
 
   at::Tensor out = at::empty({s.B, s.N, s.H, s.D}, q_in.options());
   at::Tensor lse = at::empty({s.B, s.H, s.N}, q_in.options().dtype(at::kFloat));

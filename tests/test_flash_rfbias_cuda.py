@@ -34,8 +34,8 @@ if cuda_ok:
 
 @functools.lru_cache(maxsize=None)
 def _sm90_path_available() -> bool:
-    """The experimental wgmma forward kernels are usable: a 9.x device and a build that has them (RFSR_KERNELS=
-    all,sm90); otherwise RFSR_FWD_PATH=sm90 raises."""
+    """The wgmma forward kernels are usable: a 9.x device and a build that has them (the default when building for
+    9.0, or RFSR_KERNELS=all,sm90); otherwise RFSR_FWD_PATH=sm90 raises."""
     if not cuda_ok or torch.cuda.get_device_capability()[0] != 9:
         return False
     import os
@@ -57,14 +57,11 @@ def _sm90_path_available() -> bool:
 
 @pytest.fixture(autouse=True, params=["sm80", "sm90"])
 def kernel_path(request, monkeypatch):
-    """Every test runs on the default (sm80) kernels and, where they are built and the device is 9.x, on the
-    experimental wgmma kernels (RFSR_FWD_PATH=sm90), so both paths meet the same checks."""
-    if request.param == "sm90":
-        if not _sm90_path_available():
-            pytest.skip("the wgmma (sm90) path needs a 9.x device and a build with RFSR_KERNELS=all,sm90")
-        monkeypatch.setenv("RFSR_FWD_PATH", "sm90")
-    else:
-        monkeypatch.delenv("RFSR_FWD_PATH", raising=False)
+    """Every test runs on the sm80 kernels and, where they are built and the device is 9.x, on the wgmma kernels,
+    each forced with RFSR_FWD_PATH, so both paths meet the same checks whatever the default picks."""
+    if request.param == "sm90" and not _sm90_path_available():
+        pytest.skip("the wgmma (sm90) path needs a 9.x device and a build with the sm90 kernels")
+    monkeypatch.setenv("RFSR_FWD_PATH", request.param)
     return request.param
 
 
@@ -216,6 +213,27 @@ def test_deterministic():
     a, la = run_fwd(q, k, v, bq, bk, 0.2)
     b, lb = run_fwd(q, k, v, bq, bk, 0.2)
     assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_default_path_choice(kernel_path, monkeypatch):
+    """Unforced, a 9.x device runs the wgmma kernels on large windows (N >= 2048) of the narrow buckets and the sm80
+    kernels on smaller ones; other devices always run sm80. Both kernels are deterministic, so the unforced output
+    equals the chosen path's bit for bit."""
+    if kernel_path != "sm80":
+        pytest.skip("checks the unforced choice once")
+
+    def fwd(path, inputs):
+        if path is None:
+            monkeypatch.delenv("RFSR_FWD_PATH", raising=False)
+        else:
+            monkeypatch.setenv("RFSR_FWD_PATH", path)
+        return torch.ops.rfsr.flash_rfbias_fwd(*inputs, 0.2)[0]
+
+    big = make_inputs(2, 2304, 2, 30, 34, torch.bfloat16, False, seed=3)
+    small = make_inputs(2, 1024, 2, 30, 34, torch.bfloat16, False, seed=4)
+    wgmma = torch.cuda.get_device_capability()[0] == 9 and _sm90_path_available()
+    assert torch.equal(fwd(None, big), fwd("sm90" if wgmma else "sm80", big))
+    assert torch.equal(fwd(None, small), fwd("sm80", small))
 
 
 def test_composite_default_scale():

@@ -7,8 +7,9 @@ committed; CI runs ``--check`` to make sure they match this list.
 
 Build selection (used by setup.py and CMakeLists.txt through ``select_kernels``): ``RFSR_KERNELS`` is ``all``
 (default: every sm80 kernel), ``reduced`` (the CI compile set) or a comma-separated list of items, each ``all`` or
-a substring of kernel names, e.g. ``dqk48_dv32_bf16,dqk64_dv32``; the selection is their union. The experimental
-wgmma (sm90) forward kernels are built only when named, e.g. ``RFSR_KERNELS=all,sm90``. The dispatch table declares
+a substring of kernel names, e.g. ``dqk48_dv32_bf16,dqk64_dv32``; the selection is their union. ``all`` means
+every sm80 kernel; the wgmma (sm90) forward kernels are added by naming them, e.g. ``RFSR_KERNELS=all,sm90``, which
+is what setup.py builds by default when the architectures include 9.0. The dispatch table declares
 every kernel as a weak symbol, so a build that compiles only some of them still links; the binding skips entries
 whose function is absent.
 
@@ -63,7 +64,7 @@ def select_kernels(spec: str | None = None):
     if spec == "reduced":
         return [k for k in ks if k["name"] in REDUCED + BWD_REDUCED]
     pats = [s.strip() for s in spec.split(",") if s.strip()]
-    # "all": the default set, every kernel of the sm80 path (the sm90 forward is opt-in while it is slower)
+    # "all": every kernel of the sm80 path; the sm90 forward is added by name (setup.py does so when building for 9.0)
     sel = [k for k in ks if ("all" in pats and k["arch"] == "sm80") or any(p != "all" and p in k["name"] for p in pats)]
     if not sel:
         raise SystemExit(f"RFSR_KERNELS={spec!r} selects no kernel; names look like {ks[0]['name']}")

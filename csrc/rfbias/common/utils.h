@@ -113,6 +113,47 @@ __device__ __forceinline__ void gemm_rs(TiledMma& mma, Acc& acc, RA const& tCrA,
 // ---------------------------------------------------------------------------------------------------------------
 // Quad reductions: the four lanes of an m16n8 row group hold one row between them.
 
+// Maximum of row mi of a (rows, columns) register view, and the in-place exponentials exp2(x * scale - m_scaled)
+// of that row with their sum. Four independent chains: a single chain over a row's 16 values is a latency chain
+// (4-cycle steps) that the few warps resident per scheduler cannot hide.
+template <class T>
+__device__ __forceinline__ float row_max(T const& S, int mi) {
+  constexpr int kN = decltype(cute::size<1>(S))::value;
+  if constexpr (kN % 4 == 0) {
+    float m0 = S(mi, 0), m1 = S(mi, 1), m2 = S(mi, 2), m3 = S(mi, 3);
+    CUTE_UNROLL
+    for (int ni = 4; ni < kN; ni += 4) {
+      m0 = fmaxf(m0, S(mi, ni));
+      m1 = fmaxf(m1, S(mi, ni + 1));
+      m2 = fmaxf(m2, S(mi, ni + 2));
+      m3 = fmaxf(m3, S(mi, ni + 3));
+    }
+    return fmaxf(fmaxf(m0, m1), fmaxf(m2, m3));
+  } else {
+    float m = S(mi, 0);
+    CUTE_UNROLL
+    for (int ni = 1; ni < kN; ++ni) m = fmaxf(m, S(mi, ni));
+    return m;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ float row_exp2_sum(T& S, int mi, float scale, float m_scaled) {
+  constexpr int kN = decltype(cute::size<1>(S))::value;
+  constexpr int kChains = kN % 4 == 0 ? 4 : 1;
+  float sum[kChains];
+  CUTE_UNROLL
+  for (int c = 0; c < kChains; ++c) sum[c] = 0.f;
+  CUTE_UNROLL
+  for (int ni = 0; ni < kN; ++ni) {
+    const float e = exp2f(S(mi, ni) * scale - m_scaled);
+    S(mi, ni) = e;
+    sum[ni % kChains] += e;
+  }
+  if constexpr (kChains == 4) return (sum[0] + sum[1]) + (sum[2] + sum[3]);
+  return sum[0];
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));

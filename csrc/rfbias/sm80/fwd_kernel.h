@@ -19,10 +19,17 @@
 #include "copy.h"
 #include "kernel_traits.h"
 
+// Factor rows walked by index (copy.h): the pointer walk spills at this kernel's register cap. 0 for experiments.
+#ifndef RFSR_FWD_INDEXED_FACTOR_COPY
+#define RFSR_FWD_INDEXED_FACTOR_COPY 1
+#endif
+
 namespace rfsr {
 namespace sm80 {
 
 using namespace cute;
+
+constexpr bool kIndexedFactorCopy = RFSR_FWD_INDEXED_FACTOR_COPY != 0;
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_fwd_kernel(const RfbiasFwdParams p) {
@@ -98,8 +105,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       copy_tile_async<Plan4, 2, kQKStride>(plan4, sK, gk, p.k_row_stride, valid);
       copy_tile_async<Plan4, 2, kVStride>(plan4, sV, gv, p.v_row_stride, valid);
     }
-    copy_factor_rows<kBlockN, kQKStride>(plan_bk, sK, D, bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride,
-                                         valid, p.bias_vec2);
+    copy_factor_rows<kBlockN, kQKStride, false, kIndexedFactorCopy>(
+        plan_bk, sK, D, bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride, valid, p.bias_vec2);
   };
   // 3. Query tile and its factor rows: asynchronous copies in the first group (with the first K/V tile). The
   //    scale multipliers are applied in shared memory by the copying thread once its group has landed.
@@ -116,7 +123,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   }
   if (R > 0) {
     if (p.bias_vec2) {
-      copy_factor_rows<kBlockM, kQKStride>(plan_bq, sQ_ptr, D, gbq, p.bq_row_stride, q_valid, true);
+      copy_factor_rows<kBlockM, kQKStride, false, kIndexedFactorCopy>(plan_bq, sQ_ptr, D, gbq, p.bq_row_stride,
+                                                                       q_valid, true);
     } else if (plan_bq.active) {  // unaligned or odd-rank factors: synchronous 2-byte copies, scaled on the way
       const float mult = p.bq_mult;
       const int c = plan_bq.unit;
@@ -233,10 +241,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     bool grew = false;
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(S); ++mi) {
-      float mx = S(mi, 0);
-      CUTE_UNROLL
-      for (int ni = 1; ni < size<1>(S); ++ni) mx = fmaxf(mx, S(mi, ni));
-      mx = dev::quad_max(mx);
+      const float mx = dev::quad_max(dev::row_max(S, mi));
       m_new[mi] = fmaxf(row_max[mi], mx);
       grew |= m_new[mi] > row_max[mi];
     }
@@ -252,15 +257,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(S); ++mi) {
       row_max[mi] = m_new[mi];
-      const float m_scaled = m_new[mi] * scale_log2;
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(S); ++ni) {
-        const float e = exp2f(S(mi, ni) * scale_log2 - m_scaled);
-        S(mi, ni) = e;
-        sum += e;
-      }
-      row_sum[mi] += sum;
+      row_sum[mi] += dev::row_exp2_sum(S, mi, scale_log2, m_new[mi] * scale_log2);
     }
 
     Tensor rP = dev::convert_fragment<Element>(acc_s);

@@ -6,10 +6,11 @@
 //   O += P . v                                                    wgmma, P from registers, v in shared memory
 // The data path is the sm80 kernel's (fwd_kernel.h in sm80/): cp.async by all threads into a kStages-deep K/V ring,
 // 16-byte copies where rows allow and 4-byte ones otherwise (D = 30), key tiles walked last (partial) first, one
-// CTA barrier per tile. Within a warpgroup the S product of tile j + 1 runs on the tensor cores while the softmax of
-// tile j runs on the other units (two S accumulators alternate). Shared-memory tiles use the swizzled layouts wgmma reads (GMMA canonical layouts), so each
-// copy goes to the swizzled address of its (row, column); copies are generic-proxy writes, hence the async-proxy
-// fence before the barrier that hands a tile to wgmma.
+// CTA barrier per tile. Copy plans (per-thread source pointers and swizzled offsets) are built once per CTA, the
+// copy width being a template parameter. Step j queues S(j + 1) and then O += P(j) V(j) on the tensor cores, waits
+// for S(j + 1) only and runs its softmax while the PV product runs. Shared-memory tiles use the swizzled layouts
+// wgmma reads (GMMA canonical layouts), so each copy goes to the swizzled address of its (row, column); copies are
+// generic-proxy writes, hence the async-proxy fence before the barrier that hands a tile to wgmma.
 #pragma once
 
 #include <cmath>
@@ -78,7 +79,8 @@ struct FwdTraitsSm90 {
 // Switches for tile experiments (narrow buckets: key-tile width, CTAs per SM asked of the register allocator; all
 // buckets: warpgroups per CTA, K/V ring depth). Measured on an H200 (bf16, SST shapes): 2 warpgroups with 64-key
 // tiles at 2 CTAs/SM beat 128-key tiles at 1 CTA/SM by 25-35%, one warpgroup per CTA (4 CTAs/SM) and 3 stages did not
-// help (benchmarks/results/fwd-kernel-notes-h200-2026-11-27.md).
+// help (benchmarks/results/fwd-kernel-notes-h200-2026-11-27.md). Re-measured after the copy rework (2026-11-27):
+// 128-key tiles at 1 CTA/SM 16-35% slower, 4 stages within 2% (benchmarks/results/fwd-kernel-work-h200-2026-11-27/).
 #ifndef RFSR_SM90_BLOCK_N
 #define RFSR_SM90_BLOCK_N 64
 #endif
@@ -120,9 +122,10 @@ __device__ __forceinline__ auto rowcol_layout(L const& l) {
 
 // Per-thread copy plan into a swizzled tile, computed once per CTA: a thread serves kUnits column units (kVec
 // elements each) of every kRowsPerIt-th row. kRowsPerIt is a multiple of the swizzle period (8 rows), so each
-// swizzled offset advances by a constant per step and a copy costs an add (the swizzle pattern is the same in every
-// 1024-byte-aligned slot).
-template <int kNThreads, int kRows, int kWidth, int kVec>
+// swizzled offset advances by a constant per step (the swizzle pattern is the same in every 1024-byte-aligned slot),
+// and the thread's source pointer (its row and column of the head's first row) is formed once: a copy then costs the
+// copy and a 64-bit add.
+template <int kNThreads, int kRows, int kWidth, int kVec, typename Element>
 struct SwizzledRowPlan {
   static constexpr int kPerRow = kWidth / kVec;                                       // units per row
   static constexpr int kThreadsPerRow = kPerRow < kNThreads / 8 ? kPerRow : kNThreads / 8;
@@ -131,39 +134,54 @@ struct SwizzledRowPlan {
   static constexpr int kRowsPerIt = kNThreads / kThreadsPerRow;
   static_assert(kRowsPerIt % 8 == 0, "row steps must keep the swizzle phase");
   static constexpr int kIts = (kRows + kRowsPerIt - 1) / kRowsPerIt;
-  int row, col0, s_step;
+  const Element* src;  // this thread's row and column in row 0 of the head
+  int64_t row_stride;
+  int row, s_step;
   int s_off[kUnits];
+  bool col_ok[kUnits];  // column inside [0, D)
   template <class STensor>
-  __device__ __forceinline__ SwizzledRowPlan(int tidx, STensor const& s) {
+  __device__ __forceinline__ SwizzledRowPlan(int tidx, STensor const& s, const Element* head, int64_t stride, int D) {
     row = tidx / kThreadsPerRow;
-    col0 = (tidx % kThreadsPerRow) * kVec;
+    const int col0 = (tidx % kThreadsPerRow) * kVec;
+    src = head + row * stride + col0;
+    row_stride = stride;
     const auto* base = &s(0, 0);
     CUTE_UNROLL
-    for (int u = 0; u < kUnits; ++u) s_off[u] = int(&s(row, col0 + u * kThreadsPerRow * kVec) - base);
+    for (int u = 0; u < kUnits; ++u) {
+      s_off[u] = int(&s(row, col0 + u * kThreadsPerRow * kVec) - base);
+      col_ok[u] = col0 + u * kThreadsPerRow * kVec < D;
+    }
     s_step = kIts > 1 ? int(&s(row + kRowsPerIt, col0) - base) - s_off[0] : 0;
   }
-  // Copies columns [0, D) of rows [0, valid_rows) of g (row stride in elements) into the tile at `dst`.
-  template <typename Element>
-  __device__ __forceinline__ void copy(Element* dst, const Element* g, int64_t row_stride, int valid_rows,
-                                       int D) const {
-    const Element* src = g + row * row_stride;
+  // Copies columns [0, D) of rows [r0, r0 + valid_rows) of the head into the tile at `dst`. Full tiles (all but a
+  // window's last) take a version without per-row tests.
+  __device__ __forceinline__ void copy(Element* dst, int r0, int valid_rows) const {
+    if (valid_rows >= kRows) {
+      copy_rows<true>(dst, r0, kRows);
+    } else {
+      copy_rows<false>(dst, r0, valid_rows);
+    }
+  }
+  template <bool kFull>
+  __device__ __forceinline__ void copy_rows(Element* dst, int r0, int valid_rows) const {
+    const Element* g = src + int64_t(r0) * row_stride;
     const int64_t step = int64_t(kRowsPerIt) * row_stride;
     CUTE_UNROLL
     for (int it = 0; it < kIts; ++it) {
-      if (row + it * kRowsPerIt < valid_rows) {
+      const bool in_tile = kRows % kRowsPerIt == 0 || row + it * kRowsPerIt < kRows;
+      if (kFull ? in_tile : row + it * kRowsPerIt < valid_rows) {
         CUTE_UNROLL
         for (int u = 0; u < kUnits; ++u) {
-          const int col = col0 + u * kThreadsPerRow * kVec;
-          if (col < D) {
+          if (col_ok[u]) {
             if constexpr (kVec == 8) {
-              dev::cp_async_16(dst + s_off[u] + it * s_step, src + col, true);
+              dev::cp_async_16(dst + s_off[u] + it * s_step, g + u * kThreadsPerRow * kVec, true);
             } else {
-              dev::cp_async_4(dst + s_off[u] + it * s_step, src + col, true);
+              dev::cp_async_4(dst + s_off[u] + it * s_step, g + u * kThreadsPerRow * kVec, true);
             }
           }
         }
       }
-      src += step;
+      g += step;
     }
   }
 };
@@ -175,7 +193,7 @@ template <int kNThreads>
 struct SwizzledFactorPlan {
   static constexpr int kMaxTpr = kNThreads / 8;
   static constexpr int kMaxK = (128 + kMaxTpr - 1) / kMaxTpr;
-  int units, tpr, rows_per_it, row, lane_unit, s_step;
+  int units, tpr, rows_per_it, row, lane_unit, s_step, nk;
   int s_off[kMaxK];
   bool active;
   template <class STensor>
@@ -187,6 +205,7 @@ struct SwizzledFactorPlan {
     active = active && tidx < rows_per_it * tpr;
     row = tidx / tpr;
     lane_unit = tidx - row * tpr;
+    nk = (units - lane_unit + tpr - 1) / tpr;  // units of this thread in a row
     const int w = vec2 ? 2 : 1;
     const auto* base = &s(0, 0);
     CUTE_UNROLL
@@ -196,22 +215,34 @@ struct SwizzledFactorPlan {
     }
     s_step = int(&s(row + rows_per_it, D + lane_unit * w) - base) - s_off[0];
   }
+  // The row loop only advances a pointer and an offset (per-row address arithmetic used to cost more issue slots
+  // than the copies); the vec2 test is outside it.
   template <typename Element>
   __device__ __forceinline__ void copy(Element* dst, const Element* g, int64_t row_stride, int valid_rows, bool vec2,
                                        float mult) const {
     if (!active) return;
     const int w = vec2 ? 2 : 1;
+    const Element* src = g + row * row_stride + lane_unit * w;
+    const int64_t step = int64_t(rows_per_it) * row_stride;
+    const int src_k = tpr * w;
     int row_off = 0;
-    for (int r = row; r < valid_rows; r += rows_per_it, row_off += s_step) {
-      const Element* src = g + r * row_stride;
-      CUTE_UNROLL
-      for (int k = 0; k < kMaxK; ++k) {
-        const int u = lane_unit + k * tpr;
-        if (u < units) {
-          if (vec2) {
-            dev::cp_async_4(dst + s_off[k] + row_off, src + u * w, true);
-          } else {
-            uint16_t x = *reinterpret_cast<const uint16_t*>(src + u);
+    if (vec2 && units <= tpr) {  // one unit per thread and row (R <= 2 * kNThreads / 8)
+      for (int r = row; r < valid_rows; r += rows_per_it, src += step, row_off += s_step) {
+        dev::cp_async_4(dst + s_off[0] + row_off, src, true);
+      }
+    } else if (vec2) {
+      for (int r = row; r < valid_rows; r += rows_per_it, src += step, row_off += s_step) {
+        CUTE_UNROLL
+        for (int k = 0; k < kMaxK; ++k) {
+          if (k < nk) dev::cp_async_4(dst + s_off[k] + row_off, src + k * src_k, true);
+        }
+      }
+    } else {
+      for (int r = row; r < valid_rows; r += rows_per_it, src += step, row_off += s_step) {
+        CUTE_UNROLL
+        for (int k = 0; k < kMaxK; ++k) {
+          if (k < nk) {
+            uint16_t x = *reinterpret_cast<const uint16_t*>(src + k * src_k);
             if (mult != 1.0f) x = dev::Pack2<Element>::scale1(x, mult);
             *reinterpret_cast<uint16_t*>(dst + s_off[k] + row_off) = x;
           }
@@ -221,7 +252,9 @@ struct SwizzledFactorPlan {
   }
 };
 
-template <class Traits>
+// kVec16: q/k/v rows are copied in 16-byte units (D % 8 == 0 and aligned rows) instead of 4-byte ones; a template
+// parameter so that the copy plans are built once per CTA.
+template <class Traits, bool kVec16>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_fwd_kernel(const RfbiasFwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
@@ -265,17 +298,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   __syncthreads();
 
   Tensor sQ = make_tensor(make_smem_ptr(sQ_ptr), typename Traits::SmemLayoutQ{});
-  const bool vec16 = p.qkv_vec16;
   const int n_blocks = (N + kBlockN - 1) / kBlockN;
 
   // Copy plans (per-CTA offsets into the swizzled tiles; slot 0 stands for every slot).
   Tensor sK0 = make_tensor(make_smem_ptr(sK_at(0)), typename Traits::SmemLayoutK{});
   Tensor sVt0 = make_tensor(make_smem_ptr(sV_at(0)), typename Traits::SmemLayoutVt{});
   Tensor sV0 = make_tensor(sVt0.data(), select<1, 0>(sVt0.layout()));  // (key, d) view of V^T
-  using PlanK16 = SwizzledRowPlan<kNThreads, kBlockN, kDv, 8>;
-  using PlanK4 = SwizzledRowPlan<kNThreads, kBlockN, kDv, 2>;
-  using PlanQ16 = SwizzledRowPlan<kNThreads, kBlockM, kDv, 8>;
-  using PlanQ4 = SwizzledRowPlan<kNThreads, kBlockM, kDv, 2>;
+  constexpr int kVec = kVec16 ? 8 : 2;
+  const SwizzledRowPlan<kNThreads, kBlockN, kDv, kVec, Element> plan_k(tidx, sK0, k_base, p.k_row_stride, D);
+  const SwizzledRowPlan<kNThreads, kBlockN, kDv, kVec, Element> plan_v(tidx, sV0, v_base, p.v_row_stride, D);
   const SwizzledFactorPlan<kNThreads> plan_bk(tidx, D, R, p.bias_vec2, sK0);
   const SwizzledFactorPlan<kNThreads> plan_bq(tidx, D, R, p.bias_vec2, sQ);
 
@@ -283,29 +314,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     const int n0 = (n_blocks - 1 - j) * kBlockN;
     const int valid = min(kBlockN, N - n0);
     const int slot = j % kStages;
-    const Element* gk = k_base + int64_t(n0) * p.k_row_stride;
-    const Element* gv = v_base + int64_t(n0) * p.v_row_stride;
-    if (vec16) {
-      PlanK16(tidx, sK0).copy(sK_at(slot), gk, p.k_row_stride, valid, D);
-      PlanK16(tidx, sV0).copy(sV_at(slot), gv, p.v_row_stride, valid, D);
-    } else {
-      PlanK4(tidx, sK0).copy(sK_at(slot), gk, p.k_row_stride, valid, D);
-      PlanK4(tidx, sV0).copy(sV_at(slot), gv, p.v_row_stride, valid, D);
-    }
+    plan_k.copy(sK_at(slot), n0, valid);
+    plan_v.copy(sV_at(slot), n0, valid);
     plan_bk.copy(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride, valid, p.bias_vec2, 1.0f);
   };
 
   // 2. Query tile (+ factor rows) in the first group with the first K/V tile.
   const int q_valid = min(kBlockM, N - m0);
   {
-    const Element* gq = q_base + int64_t(m0) * p.q_row_stride;
-    if (vec16) {
-      PlanQ16(tidx, sQ).copy(sQ_ptr, gq, p.q_row_stride, q_valid, D);
-    } else {
-      PlanQ4(tidx, sQ).copy(sQ_ptr, gq, p.q_row_stride, q_valid, D);
-    }
-    plan_bq.copy(sQ_ptr, bq_base + int64_t(m0) * p.bq_row_stride, p.bq_row_stride, q_valid, p.bias_vec2, p.bq_mult);
+    const SwizzledRowPlan<kNThreads, kBlockM, kDv, kVec, Element> plan_q(tidx, sQ, q_base, p.q_row_stride, D);
+    plan_q.copy(sQ_ptr, m0, q_valid);
   }
+  plan_bq.copy(sQ_ptr, bq_base + int64_t(m0) * p.bq_row_stride, p.bq_row_stride, q_valid, p.bias_vec2, p.bq_mult);
   CUTE_UNROLL
   for (int j = 0; j < kStages - 1; ++j) {
     if (j < n_blocks) load_kv(j);
@@ -380,11 +400,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   // Online softmax of one S tile (tile j) in place: mask, row maxima, exponentials (exp2 domain), row sums. Returns
   // through `corr` the factor the running O must be multiplied by (applied later, outside any wgmma batch window).
   float corr[kRows];
-  auto softmax = [&](auto& acc, int j) {
-    const int n_block = n_blocks - 1 - j;
+  // Only tile 0 (the window's last keys) can be partial: the loop's calls pass kFirst = false and have no mask code.
+  auto softmax = [&](auto& acc, auto first) {
+    constexpr bool kFirst = decltype(first)::value;
     Tensor S = make_tensor(acc.data(), rowcol_layout(acc.layout()));
-    if ((n_block + 1) * kBlockN > N) {
-      const int limit = N - n_block * kBlockN;
+    if (kFirst && n_blocks * kBlockN > N) {
+      const int limit = N - (n_blocks - 1) * kBlockN;
       CUTE_UNROLL
       for (int mi = 0; mi < size<0>(S); ++mi) {
         CUTE_UNROLL
@@ -395,21 +416,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     }
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
-      float mx = S(mi, 0);
-      CUTE_UNROLL
-      for (int ni = 1; ni < size<1>(S); ++ni) mx = fmaxf(mx, S(mi, ni));
-      mx = fmaxf(row_max[mi], dev::quad_max(mx));
+      const float mx = fmaxf(row_max[mi], dev::quad_max(dev::row_max(S, mi)));
       corr[mi] = exp2f((row_max[mi] - mx) * scale_log2);  // exp2(-inf) = 0 on the first tile
       row_max[mi] = mx;
-      const float m_scaled = mx * scale_log2;
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(S); ++ni) {
-        const float e = exp2f(S(mi, ni) * scale_log2 - m_scaled);
-        S(mi, ni) = e;
-        sum += e;
-      }
-      row_sum[mi] = row_sum[mi] * corr[mi] + sum;
+      row_sum[mi] = row_sum[mi] * corr[mi] + dev::row_exp2_sum(S, mi, scale_log2, mx * scale_log2);
     }
   };
 
@@ -436,20 +446,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   issue_s(acc_s, 0);
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_s);
-  softmax(acc_s, 0);
+  softmax(acc_s, cute::true_type{});
   convert_p();  // O is still zero: no rescale
 
   // Step j: P(j) is in rP. S(j + 1) is computed first (its batch retired right away: no other instruction may touch
   // the registers of an open batch's accumulator), then O += P(j) V(j) runs on the tensor cores while the softmax of
   // S(j + 1) runs on the other units; after it retires, O is rescaled and P(j + 1) converted.
-  for (int j = 0; j < n_blocks; ++j) {
-    const bool more = j + 1 < n_blocks;
-    if (more) {
-      arrive_tile(j + 1);
-      issue_s(acc_s, j + 1);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc_s);
-    }
+  auto issue_pv = [&](int j) {
     Tensor sVt = make_tensor(make_smem_ptr(sV_at(j % kStages)), typename Traits::SmemLayoutVt{});
     Tensor tOrVt = thr_o.make_fragment_B(thr_o.partition_B(sVt));
     warpgroup_fence_operand(acc_o);
@@ -459,14 +462,27 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       cute::gemm(mma_o, tOrP(_, _, kb), tOrVt(_, _, kb), acc_o);
     }
     warpgroup_commit_batch();
-    if (more) softmax(acc_s, j + 1);
+  };
+  // O += P(j) V(j) is queued right behind S(j + 1): the tensor cores run both back to back while this warpgroup
+  // waits for S(j + 1) only (batches retire in order), then does the softmax of S(j + 1) during the PV product. The
+  // last step is peeled off so that the loop body has no branch between the two batches (ptxas serialises the wgmmas
+  // when it cannot see that the accumulator read by the softmax belongs to a retired batch).
+  for (int j = 0; j + 1 < n_blocks; ++j) {
+    arrive_tile(j + 1);
+    issue_s(acc_s, j + 1);
+    issue_pv(j);
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(acc_s);
+    softmax(acc_s, cute::false_type{});
+    warpgroup_fence_operand(acc_s);  // keeps the softmax ahead of the wait below (ptxas would hoist the wait)
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_o);
-    if (more) {
-      rescale_o();
-      convert_p();
-    }
+    rescale_o();
+    convert_p();
   }
+  issue_pv(n_blocks - 1);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc_o);
 
   // 4. Epilogue: normalise, write out (4-byte stores: D is even) and lse.
   Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
@@ -502,7 +518,7 @@ cudaError_t run_fwd(const RfbiasFwdParams& p, cudaStream_t stream) {
   const int64_t grid = m_blocks * p.B * p.H;
   if (grid <= 0) return cudaSuccess;
   if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  auto kernel = &rfbias_fwd_kernel<Traits>;
+  auto kernel = p.qkv_vec16 ? &rfbias_fwd_kernel<Traits, true> : &rfbias_fwd_kernel<Traits, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   if (e != cudaSuccess) return e;
   kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), Traits::kSmemBytes, stream>>>(p);
