@@ -1,8 +1,10 @@
 """Forward benchmark of the fused rfsr::flash_rfbias op against the ways peers compute the same attention.
 
 One GPU, one process, bf16, 2^20 tokens per call, SST-family shapes. Methods:
-  rfsr          torch.ops.rfsr.flash_rfbias_fwd (fused bias, no concatenation): the default sm80 (mma.sync) kernels
-  rfsr_sm90     the same op on the wgmma forward kernels (RFSR_FWD_PATH=sm90; 9.x devices only)
+  rfsr          torch.ops.rfsr.flash_rfbias_fwd (fused bias, no concatenation) with its default kernel choice: sm80
+                (mma.sync) kernels, except large windows of the dv = 32 buckets on 9.x devices (wgmma kernels)
+  rfsr_sm80     the same op forced onto the sm80 kernels (RFSR_FWD_PATH=sm80)
+  rfsr_sm90     the same op forced onto the wgmma forward kernels (RFSR_FWD_PATH=sm90; 9.x devices only)
   concat_flash  [q*s | Bq], [k | Bk], [v | 0] concatenated in memory, SDPA flash backend, output sliced
   concat_cudnn  the same through SDPA's cuDNN backend
   flex_rpb      FlexAttention with a relative-position-bias score_mod (the bias a low-rank factor replaces)
@@ -38,7 +40,8 @@ CASES = [
     ("sst_w64", 30, 34, 6, 64),
     ("xl_w96", 32, 32, 7, 96),
 ]
-METHODS = ["rfsr", "rfsr_sm90", "concat_flash", "concat_cudnn", "flex_rpb", "nobias_flash"]
+RFSR_METHODS = ("rfsr", "rfsr_sm80", "rfsr_sm90")
+METHODS = ["rfsr", "rfsr_sm80", "rfsr_sm90", "concat_flash", "concat_cudnn", "flex_rpb", "nobias_flash"]
 
 
 # --- timing ---------------------------------------------------------------------------------------------------
@@ -159,13 +162,13 @@ def flex_fn():
 
 
 def on_path(meth, fn):
-    """fn run with the kernel path of an rfsr method: rfsr_sm90 sets RFSR_FWD_PATH=sm90 around the call."""
-    if meth != "rfsr_sm90":
+    """fn run with the kernel path of an rfsr method: rfsr_sm80 / rfsr_sm90 set RFSR_FWD_PATH around the call."""
+    if meth not in ("rfsr_sm80", "rfsr_sm90"):
         return fn
 
     def run(*args):
         old = os.environ.get("RFSR_FWD_PATH")
-        os.environ["RFSR_FWD_PATH"] = "sm90"
+        os.environ["RFSR_FWD_PATH"] = meth[len("rfsr_"):]
         try:
             return fn(*args)
         finally:
@@ -181,7 +184,7 @@ def build_methods(name, D, R, H, W, q, k, v, bq, bk, wanted):
     from torch.nn.attention import SDPBackend
     m = {}
     s = D ** -0.5
-    for meth in ("rfsr", "rfsr_sm90"):
+    for meth in RFSR_METHODS:
         if meth in wanted:
             m[meth] = on_path(meth, lambda q, k, v, bq, bk: torch.ops.rfsr.flash_rfbias(
                 q, k, v, (bq * R ** -0.5).to(DT), bk.to(DT), s))
@@ -281,7 +284,7 @@ def main(argv=None):
         base = {"case": name, "D": D, "R": R, "H": H, "window": W, "N": N, "B": B, "scores": S,
                 "gflop": flops / 1e9, "floor_ms": round(floor, 4), "floor_limiter": limiter,
                 "floor_exp_ms": round(t_exp, 4), "floor_mma_ms": round(t_mma, 4), "floor_bytes_ms": round(t_mem, 4)}
-        for meth in ("rfsr", "rfsr_sm90"):
+        for meth in RFSR_METHODS:
             if meth in wanted:
                 try:
                     base[f"{meth}_rel_err_vs_fp32"] = on_path(meth, check_rfsr)(q, k, v, bq, bk, R)
@@ -293,7 +296,7 @@ def main(argv=None):
         grad_out = torch.randn_like(q)
         for meth, fn in build_methods(name, D, R, H, W, q, k, v, bq, bk, wanted).items():
             row = dict(base, method=meth)
-            if meth in ("rfsr", "rfsr_sm90"):
+            if meth in RFSR_METHODS:
                 fwd = on_path(meth, lambda: torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq16, bk16, D ** -0.5)[0])
             else:
                 fwd = lambda fn=fn: fn(q, k, v, bq, bk)  # noqa: E731
