@@ -60,10 +60,10 @@ def kernel_sources() -> list:
                                                   os.path.join(CSRC, "rfbias", "generate_instantiations.py"))
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    spec = os.environ.get("RFSR_KERNELS", "").strip()
-    if not spec:  # default: every sm80 kernel, plus the wgmma forward when building for 9.0
-        spec = "all,sm90" if any(a.startswith("90") for a in _arch_list()) else "all"
-    return [os.path.relpath(f) for f in gen.kernel_sources(spec)]
+    selection = os.environ.get("RFSR_KERNELS", "").strip()
+    if not selection:  # default: every sm80 kernel, plus the wgmma forward when building for 9.0
+        selection = "all,sm90" if any(a.startswith("90") for a in _arch_list()) else "all"
+    return [os.path.relpath(f) for f in gen.kernel_sources(selection)]
 
 
 def _arch_list() -> list:

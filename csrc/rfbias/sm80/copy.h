@@ -95,7 +95,7 @@ struct FactorCopyPlan {
 // vec2: 4-byte asynchronous copies; otherwise synchronous 2-byte copies (odd rank or unaligned factor rows).
 // Two walks over the rows, the same copies:
 //   kIndexed = false: two pointers advance per row (13 instructions a row in the SASS against 21: no 64-bit multiply
-//                     or select per row); the backward kernels, where this loop was 12-14% of all instructions.
+//                     or select per row); the backward kernels, where the loop is still 12-14% of all instructions.
 //   kIndexed = true:  each row's addresses come from the row index (fewer live registers). The sm80 forward, at its
 //                     168-register cap, spills with the pointer walk and measured 15% slower at N = 256 (H200).
 template <int kRows, int kSStride, bool kZeroFill = false, bool kIndexed = false, typename Element>
