@@ -7,10 +7,12 @@ single-process batch, gradient averaging makes the two runs agree, and checkpoin
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +81,9 @@ def _args(data, val, out, batch, **kw):
     return args + ["--no-progress"]
 
 
-def _torchrun(args, log_dir=None, debug_dir=None, timeout=120):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _launch(args, log_dir, debug_dir, timeout):
+    # faulthandler: a rank that dies by a signal leaves its Python stack in its log
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", TORCH_SHOW_CPP_STACKTRACES="1")
     if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: no need for the hostname to resolve to an interface
     env.pop(DEBUG_ENV, None)
@@ -92,6 +95,43 @@ def _torchrun(args, log_dir=None, debug_dir=None, timeout=120):
         cmd += ["--log-dir", str(log_dir), "--redirects", "3"]
     cmd += [str(REPO / "examples" / "train.py")] + [str(a) for a in args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _report(proc, log_dir) -> str:
+    """torchrun's output and, with ``--redirects``, the tail of each rank's own stderr (why a rank died)."""
+    text = proc.stdout + proc.stderr
+    if log_dir and Path(log_dir).is_dir():
+        for f in sorted(Path(log_dir).glob("**/stderr.log")):
+            text += f"\n--- {f.relative_to(log_dir)} ---\n" + "\n".join(f.read_text().splitlines()[-60:])
+    return text
+
+
+_ROOT_SIGNAL = re.compile(r"Root Cause.*?exitcode\s*:\s*-(\d+)", re.S)
+
+
+def _torchrun(args, log_dir=None, debug_dir=None, timeout=120, reset=None, check=True):
+    """Run examples/train.py on 2 gloo processes; with ``check``, fail the test unless it exits 0.
+
+    A run whose first failing rank was killed by a signal (not a Python error) is run once more, after
+    ``reset()`` restores the directories it writes, with a warning that carries the first attempt's logs. Such a
+    death (SIGABRT of one rank) was seen once in CI and not in 60 local runs of the same command; a second death
+    in a row still fails, and the failure message carries each rank's stderr with its Python stack.
+    """
+    for attempt in (0, 1):
+        if reset is not None:
+            reset()
+        for d in (log_dir, debug_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+        proc = _launch(args, log_dir, debug_dir, timeout)
+        if not check or proc.returncode == 0:
+            return proc
+        report = _report(proc, log_dir)
+        if attempt == 0 and _ROOT_SIGNAL.search(report):
+            warnings.warn(f"a 2-process run lost a rank to a signal; running it again. First attempt:\n{report}")
+            continue
+        pytest.fail(f"torchrun exited {proc.returncode}:\n{report}")
+    return proc
 
 
 def _cfg(data, val, out, batch, **kw):
@@ -141,8 +181,8 @@ def runs(tmp_path_factory):
     Image.fromarray(_texture(64, 60, 2)).save(data / "b.png")
     Image.fromarray(_texture(50, 46, 3)).save(val / "v.png")
     two, one = root / "two", root / "one"
-    proc = _torchrun(_args(data, val, two, 2), log_dir=root / "logs", debug_dir=root / "debug2")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _torchrun(_args(data, val, two, 2), log_dir=root / "logs", debug_dir=root / "debug2",
+                     reset=lambda: shutil.rmtree(two, ignore_errors=True))
     _train_in_process(_cfg(data, val, one, 4), debug_dir=root / "debug1")
     return dict(root=root, data=data, val=val, two=two, one=one, proc=proc)
 
@@ -222,25 +262,32 @@ def test_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
     assert a["scheduler"] == b["scheduler"]
 
 
+def _resume_dir(out: Path, ckpt: Path):
+    """A callable that makes ``out`` hold only ``ckpt`` (the state a resumed run starts from)."""
+    def reset():
+        shutil.rmtree(out, ignore_errors=True)
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copy(ckpt, out / "checkpoints")
+    return reset
+
+
 def test_one_process_checkpoint_resumes_on_two_processes(runs, tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    shutil.copy(runs["one"] / "checkpoints" / "step_00000003.pt", tmp_path / "checkpoints")
-    proc = _torchrun(_args(runs["data"], None, tmp_path, 2, resume="auto", **{"val-every": 0}))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "out"
+    proc = _torchrun(_args(runs["data"], None, out, 2, resume="auto", **{"val-every": 0}),
+                     reset=_resume_dir(out, runs["one"] / "checkpoints" / "step_00000003.pt"))
     assert "resuming step 3 of a 1-process run (batch 4 per process, global 4) on 2 processes" in proc.stdout
-    assert [s for s, _ in _losses(tmp_path)] == [4, 5, 6]
-    a, b = _ckpt(tmp_path, 6), _ckpt(runs["one"], 6)
+    assert [s for s, _ in _losses(out)] == [4, 5, 6]
+    a, b = _ckpt(out, 6), _ckpt(runs["one"], 6)
     assert a["world_size"] == 2
     assert _max_diff(a["model"], b["model"]) < 1e-5 and _max_diff(a["ema"], b["ema"]) < 1e-5
 
 
 def test_two_process_resume_is_exact(runs, tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    shutil.copy(runs["two"] / "checkpoints" / "step_00000003.pt", tmp_path / "checkpoints")
-    proc = _torchrun(_args(runs["data"], None, tmp_path, 2, resume="auto", **{"val-every": 0}))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "out"
+    proc = _torchrun(_args(runs["data"], None, out, 2, resume="auto", **{"val-every": 0}),
+                     reset=_resume_dir(out, runs["two"] / "checkpoints" / "step_00000003.pt"))
     assert "resuming" not in proc.stdout  # same layout: nothing to report
-    a, b = _ckpt(tmp_path, 6), _ckpt(runs["two"], 6)
+    a, b = _ckpt(out, 6), _ckpt(runs["two"], 6)
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     for i, st in a["optimizer"]["state"].items():
@@ -259,6 +306,6 @@ def test_changed_global_batch_warns_and_continues(runs, tmp_path):
 
 def test_a_failing_rank_ends_the_run(runs, tmp_path):
     """Rank 0 fails alone (its validation folder is missing) while rank 1 waits in a collective: torchrun ends both."""
-    proc = _torchrun(_args(runs["data"], tmp_path / "missing", tmp_path / "out", 2), timeout=90)
+    proc = _torchrun(_args(runs["data"], tmp_path / "missing", tmp_path / "out", 2), timeout=90, check=False)
     assert proc.returncode != 0
     assert "missing" in proc.stderr
