@@ -76,10 +76,9 @@ def cuda_arch_flags() -> list:
     for arch in _arch_list():
         if arch == "90":  # the wgmma kernels need the arch-specific sm_90a target (H100/H200 run it)
             arch = "90a"
-        if arch:
-            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-            if arch.isdigit():
-                plain.append(arch)
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        if arch.isdigit():
+            plain.append(arch)
     # PTX of the lowest portable arch as well, so that newer GPUs (no SASS here) JIT the sm80 kernels instead of
     # failing with "no kernel image"; arch-specific targets (90a) have no portable PTX.
     if plain:

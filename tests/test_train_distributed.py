@@ -131,7 +131,6 @@ def _torchrun(args, log_dir=None, debug_dir=None, timeout=120, reset=None, check
             warnings.warn(f"a 2-process run lost a rank to a signal; running it again. First attempt:\n{report}")
             continue
         pytest.fail(f"torchrun exited {proc.returncode}:\n{report}")
-    return proc
 
 
 def _cfg(data, val, out, batch, **kw):
