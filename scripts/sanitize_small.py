@@ -3,6 +3,8 @@
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_small.py
 Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so out-of-bounds accesses are not hidden inside cached blocks.
 """
+import os
+
 import torch
 
 import rfsr_cuda  # noqa: F401  (registers the op)
@@ -16,8 +18,44 @@ CASES = [  # B, N, H, D, R, dtype, batched factors
 ]
 
 
+# forward-only calls of the wgmma kernels on 9.x devices (forced paths): several key tiles, so the warp-specialised
+# kernel's ring wraps around, with even and odd ranks (cp.async and plain-store factor copies)
+SM90_CASES = [  # B, N, H, D, R, dtype
+    (2, 700, 2, 30, 18, torch.bfloat16),
+    (1, 1000, 1, 32, 7, torch.float16),
+    (3, 70, 2, 16, 0, torch.bfloat16),
+]
+
+
+def sm90_paths():
+    if torch.cuda.get_device_capability()[0] != 9:
+        return []
+    paths = []
+    for path in ("sm90", "sm90ws"):
+        os.environ["RFSR_FWD_PATH"] = path
+        try:
+            z = torch.zeros(1, 1, 1, 30, device="cuda", dtype=torch.bfloat16)
+            f = torch.zeros(1, 1, 18, device="cuda", dtype=torch.bfloat16)
+            torch.ops.rfsr.flash_rfbias_fwd(z, z, z, f, f, 1.0)
+            paths.append(path)
+        except (RuntimeError, ValueError):  # not in this build
+            pass
+        finally:
+            del os.environ["RFSR_FWD_PATH"]
+    return paths
+
+
 def main():
     torch.manual_seed(0)
+    for path in sm90_paths():
+        os.environ["RFSR_FWD_PATH"] = path
+        for B, N, H, D, R, dt in SM90_CASES:
+            q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=dt) for _ in range(3))
+            bq, bk = (torch.randn(H, N, R, device="cuda", dtype=dt) for _ in range(2))
+            out, lse = torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq, bk, D ** -0.5)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all() and torch.isfinite(lse).all(), (path, B, N, H, D, R)
+        del os.environ["RFSR_FWD_PATH"]
     for B, N, H, D, R, dt, batched in CASES:
         q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
         shape = (B, H, N, R) if batched else (H, N, R)

@@ -55,11 +55,12 @@ def _sm90_path_available() -> bool:
             os.environ["RFSR_FWD_PATH"] = old
 
 
-@pytest.fixture(autouse=True, params=["sm80", "sm90"])
+@pytest.fixture(autouse=True, params=["sm80", "sm90", "sm90ws"])
 def kernel_path(request, monkeypatch):
-    """Every test runs on the sm80 kernels and, where they are built and the device is 9.x, on the wgmma kernels,
-    each forced with RFSR_FWD_PATH, so both paths meet the same checks whatever the default picks."""
-    if request.param == "sm90" and not _sm90_path_available():
+    """Every test runs on the sm80 kernels and, where they are built and the device is 9.x, on the wgmma kernels
+    (uniform and warp-specialised), each forced with RFSR_FWD_PATH, so every path meets the same checks whatever
+    the default picks."""
+    if request.param != "sm80" and not _sm90_path_available():
         pytest.skip("the wgmma (sm90) path needs a 9.x device and a build with the sm90 kernels")
     monkeypatch.setenv("RFSR_FWD_PATH", request.param)
     return request.param

@@ -512,7 +512,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
 }
 
 template <typename Element, int kDqk, int kDv>
-cudaError_t run_fwd(const RfbiasFwdParams& p, cudaStream_t stream) {
+cudaError_t run_fwd_uniform(const RfbiasFwdParams& p, cudaStream_t stream) {
   using Traits = typename FwdConfigSm90<Element, kDqk, kDv>::Traits;
   const int64_t m_blocks = (int64_t(p.N) + Traits::kBlockM - 1) / Traits::kBlockM;
   const int64_t grid = m_blocks * p.B * p.H;
