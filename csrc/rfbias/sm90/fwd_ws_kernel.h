@@ -10,8 +10,11 @@
 //   * warpgroups 1..kConsumers each own 64 query rows and run the uniform kernel's wgmma loop (S(j + 1) and
 //     O += P(j) V(j) queued back to back, the softmax of S(j + 1) during the PV product) with no copies and no CTA
 //     barriers: a consumer waits only for the slot it reads next.
-// Registers move from the producer to the consumers (setmaxnreg). Shared-memory tiles and copy plans are those of
-// the uniform kernel (GMMA canonical swizzled layouts, SwizzledRowPlan / SwizzledFactorPlan).
+// Where the launch bound leaves the consumers too few registers (several CTAs per SM, three consumers, two P
+// buffers), registers move from the producer to them (setmaxnreg). Shared-memory tiles and copy plans are those of
+// the uniform kernel (GMMA canonical swizzled layouts, SwizzledRowPlan / SwizzledFactorPlan). Status: compiled
+// (no consumer spills in the SST buckets) but not yet run on a GPU; RFSR_FWD_PATH=sm90ws selects it, nothing else
+// does, and scripts/ab_sm90ws.sh is its evaluation.
 //
 // Ordering of the copies with wgmma: cp.async writes are made visible through the mbarrier (each producer thread
 // arms the slot's barrier with cp.async.mbarrier.arrive, then arrives), as the cp.async-fed warp-specialised GEMM
