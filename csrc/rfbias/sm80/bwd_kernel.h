@@ -406,7 +406,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkd
 
   const float scale_log2 = p.scale_log2;
   const int64_t out_row_stride = int64_t(H) * D;
-  const int partial_limit = N - (m_blocks - 1) * kBlockM;  // valid queries of the first (last-index) tile
 
   for (int s = 0; s < dist; ++s) {
     if (s < steps) load_step(s);
@@ -462,19 +461,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkd
       col_lse2[ni] = in.lse2[col];
       col_delta[ni] = in.delta[col];
     }
-    const bool masked = j == 0 && partial_limit < kBlockM;
+    // No mask for the query columns past N of a partial tile: their q, factor and dO rows and their lse2 and delta
+    // were zero-filled, so S = 0, P = 1 and dS = 0 there, and P meets only the zero dO rows in dV += P^T dO.
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(S); ++mi) {
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) {
-        float pv = exp2f(S(mi, ni) * scale_log2 - col_lse2[ni]);
-        float ds = pv * (dP(mi, ni) - col_delta[ni]);
-        if (masked && int(get<1>(cS_rc(mi, ni))) >= partial_limit) {
-          pv = 0.f;
-          ds = 0.f;
-        }
+        const float pv = exp2f(S(mi, ni) * scale_log2 - col_lse2[ni]);
+        dP(mi, ni) = pv * (dP(mi, ni) - col_delta[ni]);
         S(mi, ni) = pv;
-        dP(mi, ni) = ds;
       }
     }
 
