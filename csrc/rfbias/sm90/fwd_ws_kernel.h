@@ -57,6 +57,8 @@ struct FwdWsTraits {
   // wait above the exponentials otherwise, to pack P early). Needs more consumer registers.
   static constexpr bool kDoubleP = kDoubleP_;
   static_assert(!(kDoubleP && kPingpong), "one consumer schedule at a time");
+  // With two P buffers slot j - 1 is released only after tile j + 1 has been waited for: three slots at least.
+  static_assert(!kDoubleP || kStages >= 3, "two P buffers need three stages");
   static_assert(kStages >= 2, "a ring needs two slots");
   static_assert(kDqk % 16 == 0 && kDv % 16 == 0 && kBlockN % 16 == 0, "wgmma tile constraints");
 
