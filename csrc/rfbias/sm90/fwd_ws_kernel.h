@@ -532,12 +532,12 @@ cudaError_t run_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
   if constexpr (kDqk <= 64 && kDv <= 32) {  // the SST-family buckets
     switch (p.sm90_ws) {
       case 2: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 64, 4, 1>>(p, stream);
-      case 3: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 3, 128, 3, 1, 56>>(p, stream);
+      case 3: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 3, 128, 3, 1, 80>>(p, stream);
       case 4: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 64, 3, 2, 40>>(p, stream);
       case 5: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, true>>(p, stream);
       case 6: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, false, 4>>(p, stream);
       case 7: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, false, 8>>(p, stream);
-      case 8: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 4, 1, 56, false, 0, true>>(p, stream);
+      case 8: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 4, 1, 96, false, 0, true>>(p, stream);
       default: break;
     }
   }
