@@ -48,9 +48,12 @@ cudaError_t run_bwd(const RfbiasBwdParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
 
-  if (p.sm90) {  // the wgmma main kernels (experiment builds only)
+  // The wgmma main kernels (experiment builds only) take the buckets whose accumulators fit one warpgroup's
+  // registers (Dqk + Dv <= 160); wider ones keep the sm80 kernels.
+  constexpr bool kSm90Fits = kDqk + kDv <= 160;
+  if (kSm90Fits && p.sm90) {
 #ifdef RFSR_SM90_BWD
-    e = sm90::run_bwd_main<Element, kDqk, kDv>(p, stream);
+    if constexpr (kSm90Fits) e = sm90::run_bwd_main<Element, kDqk, kDv>(p, stream);
 #else
     e = cudaErrorNotSupported;
 #endif

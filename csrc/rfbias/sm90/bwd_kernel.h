@@ -1,6 +1,6 @@
 // sm90a backward kernels (wgmma): the dK/dV and dQ kernels of sm80/bwd_kernel.h with their GEMMs on the
 // warpgroup MMA. Status: compiled only with -DRFSR_SM90_BWD (RFSR_NVCC_FLAGS), selected by RFSR_BWD_PATH=sm90 on 9.x
-// devices, not yet run on a GPU.
+// devices (buckets with Dqk + Dv <= 160; wider ones spill here and keep the sm80 kernels), not yet run on a GPU.
 //
 // The walk, the workspace and the deterministic factor-gradient reduction are the sm80 kernels' (a CTA owns 64 rows
 // of one head and walks `chunk_windows` windows; the other side streams through a kStages-deep cp.async ring, last
@@ -166,6 +166,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkd
   const Element* v_head = static_cast<const Element*>(p.v) + h * p.v_head_stride;
   const Element* q_head = static_cast<const Element*>(p.q) + h * p.q_head_stride;
   const Element* do_head = static_cast<const Element*>(p.dout) + h * p.do_head_stride;
+  // Copy plans, built once: per-thread source pointers in the head's first window (a window is a shift) and
+  // swizzled destination offsets (slot 0 stands for every slot).
+  using RowPlan = SwizzledRowPlan<Traits::kNThreads, 64, Traits::kDv, kVec, Element>;
+  const RowPlan plan_k(tidx, sQK0, k_head, p.k_row_stride, D);
+  const RowPlan plan_v(tidx, sV0, v_head, p.v_row_stride, D);
+  const RowPlan plan_q(tidx, sQK0, q_head, p.q_row_stride, D);
+  const RowPlan plan_do(tidx, sV0, do_head, p.do_row_stride, D);
   const SwizzledFactorPlan<Traits::kNThreads> plan_bk(tidx, D, R, p.bias_vec2, sQK0);
   const SwizzledFactorPlan<Traits::kNThreads> plan_bq(tidx, D, R, p.bqs_vec2, sQK0);
   const Element* bqs_head = static_cast<const Element*>(p.bq_scaled) + int64_t(h) * N * R;
@@ -175,12 +182,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkd
     const int b = cta.b_begin + st.w;
     if (st.j == 0) {  // the window's stationary tile: [k | bias_k] and v rows of this key block
       SlotSm90<Traits> o = outer_at(st.w & 1);
-      const SwizzledRowPlan<Traits::kNThreads, 64, Traits::kDv, kVec, Element> pk(
-          tidx, sQK0, k_head + b * p.k_batch_stride, p.k_row_stride, D);
-      const SwizzledRowPlan<Traits::kNThreads, 64, Traits::kDv, kVec, Element> pv(
-          tidx, sV0, v_head + b * p.v_batch_stride, p.v_row_stride, D);
-      pk.copy(o.qk, n0, n_valid);
-      pv.copy(o.v, n0, n_valid);
+      plan_k.copy(o.qk, n0, n_valid, b * p.k_batch_stride);
+      plan_v.copy(o.v, n0, n_valid, b * p.v_batch_stride);
       if (R > 0) {
         const Element* gbk = static_cast<const Element*>(p.bias_k) + b * p.bk_batch_stride + h * p.bk_head_stride +
                              int64_t(n0) * p.bk_row_stride;
@@ -190,12 +193,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkd
     const int m0 = (m_blocks - 1 - st.j) * kBlockM;
     const int valid = min(kBlockM, N - m0);
     SlotSm90<Traits> in = inner_at(st.slot);
-    const SwizzledRowPlan<Traits::kNThreads, 64, Traits::kDv, kVec, Element> pq(
-        tidx, sQK0, q_head + b * p.q_batch_stride, p.q_row_stride, D);
-    const SwizzledRowPlan<Traits::kNThreads, 64, Traits::kDv, kVec, Element> pdo(
-        tidx, sV0, do_head + b * p.do_batch_stride, p.do_row_stride, D);
-    pq.copy(in.qk, m0, valid);
-    pdo.copy(in.v, m0, valid);
+    plan_q.copy(in.qk, m0, valid, b * p.q_batch_stride);
+    plan_do.copy(in.v, m0, valid, b * p.do_batch_stride);
     if (R > 0) plan_bq.copy(in.qk, bqs_head + b * bqs_batch + int64_t(m0) * R, R, valid, p.bqs_vec2, 1.0f);
     const int64_t stat0 = (int64_t(b) * H + h) * N + m0;
     sm80::copy_stats<64, Traits::kNThreads>(in.lse2, in.delta, p.lse2 + stat0, p.delta + stat0, valid, tidx);
@@ -365,6 +364,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dq_
   const Element* v_head = static_cast<const Element*>(p.v) + h * p.v_head_stride;
   const Element* q_head = static_cast<const Element*>(p.q) + h * p.q_head_stride;
   const Element* do_head = static_cast<const Element*>(p.dout) + h * p.do_head_stride;
+  using RowPlan = SwizzledRowPlan<Traits::kNThreads, 64, Traits::kDv, kVec, Element>;
+  const RowPlan plan_k(tidx, sQK0, k_head, p.k_row_stride, D);
+  const RowPlan plan_v(tidx, sV0, v_head, p.v_row_stride, D);
+  const RowPlan plan_q(tidx, sQK0, q_head, p.q_row_stride, D);
+  const RowPlan plan_do(tidx, sV0, do_head, p.do_row_stride, D);
   const SwizzledFactorPlan<Traits::kNThreads> plan_bk(tidx, D, R, p.bias_vec2, sQK0);
   const SwizzledFactorPlan<Traits::kNThreads> plan_bq(tidx, D, R, p.bqs_vec2, sQK0);
   const Element* bqs_head = static_cast<const Element*>(p.bq_scaled) + int64_t(h) * N * R;
@@ -374,12 +378,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dq_
     const int b = cta.b_begin + st.w;
     if (st.j == 0) {  // the window's stationary tile: [q | bq_scaled], dO rows and their statistics
       SlotSm90<Traits> o = outer_at(st.w & 1);
-      const SwizzledRowPlan<Traits::kNThreads, 64, Traits::kDv, kVec, Element> pq(
-          tidx, sQK0, q_head + b * p.q_batch_stride, p.q_row_stride, D);
-      const SwizzledRowPlan<Traits::kNThreads, 64, Traits::kDv, kVec, Element> pdo(
-          tidx, sV0, do_head + b * p.do_batch_stride, p.do_row_stride, D);
-      pq.copy(o.qk, m0, m_valid);
-      pdo.copy(o.v, m0, m_valid);
+      plan_q.copy(o.qk, m0, m_valid, b * p.q_batch_stride);
+      plan_do.copy(o.v, m0, m_valid, b * p.do_batch_stride);
       if (R > 0) plan_bq.copy(o.qk, bqs_head + b * bqs_batch + int64_t(m0) * R, R, m_valid, p.bqs_vec2, 1.0f);
       const int64_t stat0 = (int64_t(b) * H + h) * N + m0;
       sm80::copy_stats<64, Traits::kNThreads>(o.lse2, o.delta, p.lse2 + stat0, p.delta + stat0, m_valid, tidx);
@@ -387,12 +387,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dq_
     const int n0 = (n_blocks - 1 - st.j) * kBlockN;
     const int valid = min(kBlockN, N - n0);
     SlotSm90<Traits> in = inner_at(st.slot);
-    const SwizzledRowPlan<Traits::kNThreads, 64, Traits::kDv, kVec, Element> pk(
-        tidx, sQK0, k_head + b * p.k_batch_stride, p.k_row_stride, D);
-    const SwizzledRowPlan<Traits::kNThreads, 64, Traits::kDv, kVec, Element> pv(
-        tidx, sV0, v_head + b * p.v_batch_stride, p.v_row_stride, D);
-    pk.copy(in.qk, n0, valid);
-    pv.copy(in.v, n0, valid);
+    plan_k.copy(in.qk, n0, valid, b * p.k_batch_stride);
+    plan_v.copy(in.v, n0, valid, b * p.v_batch_stride);
     if (R > 0) {
       const Element* gbk = static_cast<const Element*>(p.bias_k) + b * p.bk_batch_stride + h * p.bk_head_stride +
                            int64_t(n0) * p.bk_row_stride;
