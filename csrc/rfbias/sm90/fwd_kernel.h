@@ -153,18 +153,19 @@ struct SwizzledRowPlan {
     }
     s_step = kIts > 1 ? int(&s(row + kRowsPerIt, col0) - base) - s_off[0] : 0;
   }
-  // Copies columns [0, D) of rows [r0, r0 + valid_rows) of the head into the tile at `dst`. Full tiles (all but a
-  // window's last) take a version without per-row tests.
-  __device__ __forceinline__ void copy(Element* dst, int r0, int valid_rows) const {
+  // Copies columns [0, D) of rows [r0, r0 + valid_rows) of the head into the tile at `dst`; `shift` (elements)
+  // moves the source, e.g. to another window of the same head. Full tiles (all but a window's last) take a version
+  // without per-row tests.
+  __device__ __forceinline__ void copy(Element* dst, int r0, int valid_rows, int64_t shift = 0) const {
     if (valid_rows >= kRows) {
-      copy_rows<true>(dst, r0, kRows);
+      copy_rows<true>(dst, r0, kRows, shift);
     } else {
-      copy_rows<false>(dst, r0, valid_rows);
+      copy_rows<false>(dst, r0, valid_rows, shift);
     }
   }
   template <bool kFull>
-  __device__ __forceinline__ void copy_rows(Element* dst, int r0, int valid_rows) const {
-    const Element* g = src + int64_t(r0) * row_stride;
+  __device__ __forceinline__ void copy_rows(Element* dst, int r0, int valid_rows, int64_t shift = 0) const {
+    const Element* g = src + shift + int64_t(r0) * row_stride;
     const int64_t step = int64_t(kRowsPerIt) * row_stride;
     CUTE_UNROLL
     for (int it = 0; it < kIts; ++it) {
