@@ -14,7 +14,7 @@
 // buffers), registers move from the producer to them (setmaxnreg). Shared-memory tiles and copy plans are those of
 // the uniform kernel (GMMA canonical swizzled layouts, SwizzledRowPlan / SwizzledFactorPlan). Status: compiled
 // (no consumer spills in the SST buckets) but not yet run on a GPU; RFSR_FWD_PATH=sm90ws selects it, nothing else
-// does, and scripts/ab_sm90ws.sh is its evaluation. The consumer code repeats the uniform kernel's (GEMM issue,
+// does, and scripts/gpu_eval.sh is its evaluation. The consumer code repeats the uniform kernel's (GEMM issue,
 // softmax, epilogue) on purpose while both are compared: the A/B decides which kernel stays, and the other goes.
 //
 // Ordering of the copies with wgmma: cp.async writes are made visible through the mbarrier (each producer thread
