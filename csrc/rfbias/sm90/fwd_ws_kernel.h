@@ -69,9 +69,12 @@ struct FwdWsTraits {
   static constexpr int kLaunchRegs = (65536 / (kNThreads * kMinBlocks) > 255 ? 255 : 65536 / (kNThreads * kMinBlocks)) / 8 * 8;
   static constexpr bool kRealloc = kLaunchRegs < 160 || kDoubleP;
   static constexpr int kProducerRegs = kProducerRegs_;
-  static constexpr int kConsumerRegsRaw = (65536 / kMinBlocks - 128 * kProducerRegs) / (128 * kConsumers);
+  // setmaxnreg moves registers within the CTA's own allocation (kNThreads x kLaunchRegs, what ptxas gives the
+  // kernel at the launch bound): a consumer request beyond what the producer released would never be granted.
+  static constexpr int kConsumerRegsRaw =
+      (kNThreads * kLaunchRegs - 128 * kProducerRegs) / (128 * kConsumers);
   static constexpr int kConsumerRegs = (kConsumerRegsRaw > 240 ? 240 : kConsumerRegsRaw) / 8 * 8;
-  static_assert(!kRealloc || kConsumerRegs >= 96, "too many consumers for the register file");
+  static_assert(!kRealloc || (kConsumerRegs >= 96 && kProducerRegs <= kLaunchRegs), "register split");
 
   // One warpgroup per MMA: each consumer runs its own 64-row GEMMs.
   using TiledMmaS = decltype(cute::make_tiled_mma(
