@@ -2,9 +2,10 @@
 
 One GPU, one process, bf16, 2^20 tokens per call, SST-family shapes. Methods:
   rfsr          torch.ops.rfsr.flash_rfbias_fwd (fused bias, no concatenation) with its default kernel choice: sm80
-                (mma.sync) kernels, except large windows of the dv = 32 buckets on 9.x devices (wgmma kernels)
+                (mma.sync) kernels, except large windows (N >= 2048) of the Dqk <= 64, Dv <= 32 buckets on 9.x devices
+                (the warp-specialised wgmma kernel)
   rfsr_sm80     the same op forced onto the sm80 kernels (RFSR_FWD_PATH=sm80)
-  rfsr_sm90     the same op forced onto the wgmma forward kernels (RFSR_FWD_PATH=sm90; 9.x devices only)
+  rfsr_sm90     the same op forced onto the uniform wgmma forward kernel (RFSR_FWD_PATH=sm90; 9.x devices only)
   rfsr_sm90ws   the warp-specialised wgmma forward kernel (RFSR_FWD_PATH=sm90ws; 9.x devices only)
   concat_flash  [q*s | Bq], [k | Bk], [v | 0] concatenated in memory, SDPA flash backend, output sliced
   concat_cudnn  the same through SDPA's cuDNN backend

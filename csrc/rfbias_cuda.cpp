@@ -50,15 +50,16 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   const RfbiasDtype dtype = st == at::kHalf ? RfbiasDtype::kFloat16 : RfbiasDtype::kBFloat16;
   int count = 0;
   const RfbiasFwdKernel* table = rfbias_fwd_kernels(&count);
-  // Kernel path. The sm80 (mma.sync) kernels run everywhere. On 9.x devices the wgmma (sm90) kernels take the
-  // large windows (N >= kSm90MinN) of the narrow buckets, where they measured faster (benchmarks/results, H200);
-  // elsewhere sm80 stays the default. RFSR_FWD_PATH=sm80|sm90|sm90ws forces a path (sm90ws: the warp-specialised
-  // wgmma kernel, under evaluation): a request that cannot be met is an error rather than a silent fallback.
+  // Kernel path. The sm80 (mma.sync) kernels run everywhere. On 9.x devices the warp-specialised wgmma kernel
+  // (sm90/fwd_ws_kernel.h) takes the large windows (N >= kSm90MinN) of the narrow buckets (Dqk <= 64, Dv <= 32),
+  // where it measured faster (benchmarks/results/fwd-ws-h200-2026-11-27.md); elsewhere sm80 stays the default.
+  // RFSR_FWD_PATH=sm80|sm90|sm90ws forces a path (sm90: the uniform wgmma kernel; sm90ws: the warp-specialised
+  // one): a request that cannot be met is an error rather than a silent fallback.
   const char* path_env = std::getenv("RFSR_FWD_PATH");
   const std::string path_arg = path_env != nullptr ? std::string(path_env) : std::string();
   TORCH_CHECK_VALUE(path_arg.empty() || path_arg == "sm80" || path_arg == "sm90" || path_arg == "sm90ws",
                     "RFSR_FWD_PATH must be sm80, sm90 or sm90ws (or unset), got '", path_arg, "'");
-  const bool sm90_ws = path_arg == "sm90ws";
+  bool sm90_ws = path_arg == "sm90ws";
   const std::string path = sm90_ws ? std::string("sm90") : path_arg;
   const RfbiasFwdKernel* kernel = pick_kernel(table, count, dtype, s.D, s.R, arch, path == "sm90" ? 90 : 80);
   TORCH_CHECK_VALUE(kernel != nullptr, "flash_rfbias: no CUDA kernel compiled for dtype ", dtype_str(q_in), ", D=", num(s.D), ", R=",
@@ -70,8 +71,9 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   if (path.empty() && arch / 10 == 9 && s.N >= kSm90MinN) {
     const RfbiasFwdKernel* wgmma = pick_kernel(table, count, dtype, s.D, s.R, arch, 90);
     if (wgmma != nullptr && wgmma->min_arch == 90 && wgmma->dqk == kernel->dqk && wgmma->dv == kernel->dv &&
-        wgmma->dqk <= 64 && wgmma->dv == 32) {
+        wgmma->dqk <= 64 && wgmma->dv <= 32) {
       kernel = wgmma;
+      sm90_ws = true;
     }
   }
 
@@ -98,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   p.qkv_vec16 = s.D % 8 == 0 && is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16);
   p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_q, 4) && is_aligned(bias_k, 4);
   if (sm90_ws) {  // RFSR_SM90WS_VARIANT picks a tile variant of experiment builds (sm90/fwd_ws_kernel.h)
-    const char* variant = std::getenv("RFSR_SM90WS_VARIANT");
+    const char* variant = path_arg == "sm90ws" ? std::getenv("RFSR_SM90WS_VARIANT") : nullptr;
     p.sm90_ws = variant != nullptr ? std::max(1, std::atoi(variant)) : 1;
   }
 

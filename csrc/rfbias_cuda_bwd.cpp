@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
                 is_aligned(dout, 16);
   p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_k, 4);
   p.bqs_vec2 = s.R > 0 && s.R % 2 == 0;
-  // RFSR_BWD_PATH=sm90: the wgmma dK/dV and dQ kernels (sm90/bwd_kernel.h), under evaluation; they exist only in
+  // RFSR_BWD_PATH=sm90: the wgmma dK/dV and dQ kernels (sm90/bwd_kernel.h), an experiment; they exist only in
   // builds with RFSR_NVCC_FLAGS=-DRFSR_SM90_BWD and run only on 9.x devices. A request that cannot be met is an
   // error rather than a silent fallback.
   const char* path_env = std::getenv("RFSR_BWD_PATH");

@@ -1,6 +1,8 @@
 // sm90a backward kernels (wgmma): the dK/dV and dQ kernels of sm80/bwd_kernel.h with their GEMMs on the
 // warpgroup MMA. Status: compiled only with -DRFSR_SM90_BWD (RFSR_NVCC_FLAGS), selected by RFSR_BWD_PATH=sm90 on 9.x
-// devices (buckets with Dqk + Dv <= 160; wider ones spill here and keep the sm80 kernels), not yet run on a GPU.
+// devices (buckets with Dqk + Dv <= 160; wider ones spill here and keep the sm80 kernels). Measured on an H200
+// (benchmarks/results/fwd-ws-h200-2026-11-27.md, section 5): correct, 2-3 % faster than sm80 at 64x64 and 96x96
+// windows and slower at smaller ones, so it stays out of the default build.
 //
 // The walk, the workspace and the deterministic factor-gradient reduction are the sm80 kernels' (a CTA owns 64 rows
 // of one head and walks `chunk_windows` windows; the other side streams through a kStages-deep cp.async ring, last

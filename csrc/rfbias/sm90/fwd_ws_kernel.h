@@ -12,15 +12,15 @@
 //     barriers: a consumer waits only for the slot it reads next.
 // Where the launch bound leaves the consumers too few registers (several CTAs per SM, three consumers, two P
 // buffers), registers move from the producer to them (setmaxnreg). Shared-memory tiles and copy plans are those of
-// the uniform kernel (GMMA canonical swizzled layouts, SwizzledRowPlan / SwizzledFactorPlan). Status: compiled
-// (no consumer spills in the SST buckets) but not yet run on a GPU; RFSR_FWD_PATH=sm90ws selects it, nothing else
-// does, and scripts/gpu_eval.sh is its evaluation. The consumer code repeats the uniform kernel's (GEMM issue,
-// softmax, epilogue) on purpose while both are compared: the A/B decides which kernel stays, and the other goes.
+// the uniform kernel (GMMA canonical swizzled layouts, SwizzledRowPlan / SwizzledFactorPlan). The binding
+// takes this kernel for the large windows of the SST-family buckets on 9.x devices (csrc/rfbias_cuda.cpp);
+// RFSR_FWD_PATH=sm90 still selects the uniform kernel, whose consumer code this one repeats (GEMM issue, softmax,
+// epilogue) until the uniform kernel is retired. scripts/gpu_eval.sh is the evaluation of both.
 //
-// Ordering of the copies with wgmma: cp.async writes are made visible through the mbarrier (each producer thread
-// arms the slot's barrier with cp.async.mbarrier.arrive, then arrives), as the cp.async-fed warp-specialised GEMM
-// mainloops of CUTLASS do. Writes that are not cp.async (the odd-rank factor copies, the in-place scaling of the
-// query tile) are followed by an async-proxy fence and a plain arrive (release).
+// Ordering of the copies with wgmma: cp.async writes are made visible through the mbarrier (each producer thread's
+// cp.async.mbarrier.arrive.noinc arrives once its copies have landed). Writes that are not cp.async (the odd-rank
+// factor copies, the in-place scaling of the query tile) are followed by an async-proxy fence and a plain arrive
+// (release), counted in the barrier's expected arrivals.
 #pragma once
 
 #include "fwd_kernel.h"
@@ -105,25 +105,15 @@ struct FwdWsTraits {
   static constexpr int kSmemBytes = kBytesTiles + kBytesBarriers + 1024;  // + alignment slack
 };
 
-// Tile choice per head-dim bucket (switches for experiments; not yet measured: see the A/B script).
-#ifndef RFSR_SM90WS_CONSUMERS
-#define RFSR_SM90WS_CONSUMERS 2
-#endif
-#ifndef RFSR_SM90WS_BLOCK_N
-#define RFSR_SM90WS_BLOCK_N 128
-#endif
-#ifndef RFSR_SM90WS_STAGES
-#define RFSR_SM90WS_STAGES 3
-#endif
-#ifndef RFSR_SM90WS_MIN_BLOCKS
-#define RFSR_SM90WS_MIN_BLOCKS 1
-#endif
-
+// Tile choice per head-dim bucket. The SST-family buckets (Dqk <= 64, Dv <= 32) take three consumer warpgroups
+// (192 query rows; the producer keeps 80 registers and the consumers get the rest): in the A/B of 2026-11-27 (H200,
+// benchmarks/results/fwd-ws-h200-2026-11-27.md) that was 5-10% faster than two at N >= 4096, except D = 30, R = 34
+// (within 4%). Wider buckets keep two consumers, with 64-key tiles where 128-key S tiles would not fit.
 template <typename Element, int kDqk, int kDv>
 struct FwdWsConfig {
+  static constexpr bool kNarrow = kDqk <= 64 && kDv <= 32;
   static constexpr bool kWide = kDqk + kDv > 160;  // 128-key S tiles and a wide O would not fit the registers
-  using Traits = FwdWsTraits<Element, kDqk, kDv, RFSR_SM90WS_CONSUMERS, kWide ? 64 : RFSR_SM90WS_BLOCK_N,
-                             RFSR_SM90WS_STAGES, RFSR_SM90WS_MIN_BLOCKS>;
+  using Traits = FwdWsTraits<Element, kDqk, kDv, kNarrow ? 3 : 2, kWide ? 64 : 128, 3, 1, kNarrow ? 80 : 40>;
 };
 
 template <class Traits, bool kVec16>
@@ -166,12 +156,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     uint4* z = reinterpret_cast<uint4*>(smem);
     for (int i = threadIdx.x; i < Traits::kBytesTiles / 16; i += Traits::kNThreads) z[i] = make_uint4(0, 0, 0, 0);
   }
+  // Factor words written by plain stores (odd rank or unaligned factor rows): each producer thread then arrives twice
+  // per fill, once when its cp.async copies land and once (release) after its stores. The query tile is scaled in
+  // place when a multiplier is not 1 (the usual case: bq_mult = 1 / scale) and then handed over by one plain arrive.
+  const bool sync_factors = R > 0 && !p.bias_vec2;
+  const bool scale_q = p.q_mult != 1.0f || (R > 0 && p.bias_vec2 && p.bq_mult != 1.0f);
+  const int fill_arrivals = sync_factors ? 256 : 128;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      Barrier::init(&full_bar[s], 128);             // every producer thread arrives once per fill
+      Barrier::init(&full_bar[s], fill_arrivals);
       Barrier::init(&empty_bar[s], 4 * kConsumers);  // one arrival per consumer warp
     }
-    Barrier::init(query_bar, 128);
+    Barrier::init(query_bar, scale_q ? 128 : fill_arrivals);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
@@ -195,13 +191,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     const SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_k(tidx, sK0, k_base, p.k_row_stride, D);
     const SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_v(tidx, sV0, v_base, p.v_row_stride, D);
     const SwizzledFactorPlan<128> plan_bk(tidx, D, R, p.bias_vec2, sK0);
-    const bool sync_factors = R > 0 && !p.bias_vec2;  // factor words written by plain stores
 
-    // Marks the copies this thread issued since the last fill as part of `bar`'s current phase, then arrives.
+    // This thread's arrivals for a fill of `bar`: one when the copies it issued have landed (noinc: that completion
+    // is the arrival; the incrementing form plus a plain arrive is equivalent but compute-sanitizer's synccheck
+    // reports it), and with plain-store factor words a second, release arrive that publishes them to the async proxy.
     auto arrive_fill = [&](uint64_t* bar) {
-      cutlass::arch::cpasync_barrier_arrive(bar);
-      if (sync_factors) cutlass::arch::fence_view_async_shared();
-      Barrier::arrive(bar);
+      cutlass::arch::cpasync_barrier_arrive_noinc(bar);
+      if (sync_factors) {
+        cutlass::arch::fence_view_async_shared();
+        Barrier::arrive(bar);
+      }
     };
     auto load_kv = [&](int j) {
       const int n0 = (n_blocks - 1 - j) * kBlockN;
@@ -227,7 +226,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       }
     }
     dev::cp_async_commit();
-    const bool scale_q = p.q_mult != 1.0f || (R > 0 && p.bias_vec2 && p.bq_mult != 1.0f);
     if (!scale_q) arrive_fill(query_bar);
     CUTE_UNROLL
     for (int j = 0; j < kStages; ++j) {
@@ -525,7 +523,7 @@ cudaError_t launch_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
 
 // p.sm90_ws: 1 is the configuration of FwdWsConfig. Builds with RFSR_SM90WS_VARIANTS defined also carry, for the
 // SST-family buckets, the variants an A/B run compares in one build (the binding passes RFSR_SM90WS_VARIANT):
-//   2: 64-key tiles, 4 stages; 3: three consumer warpgroups (192 query rows, registers moved to them);
+//   2: 64-key tiles, 4 stages; 3: two consumer warpgroups (128 query rows, 40 producer registers);
 //   4: 64-key tiles at two CTAs per SM (registers moved to the consumers); 5: 1 with pingpong; 6 and 7: 1 with
 //   every 4th / 8th exponential of the unmasked tiles on the FMA pipe (dev::exp2_poly3); 8: two P buffers (kDoubleP)
 //   with 4 stages.
@@ -535,7 +533,7 @@ cudaError_t run_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
   if constexpr (kDqk <= 64 && kDv <= 32) {  // the SST-family buckets
     switch (p.sm90_ws) {
       case 2: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 64, 4, 1>>(p, stream);
-      case 3: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 3, 128, 3, 1, 80>>(p, stream);
+      case 3: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40>>(p, stream);
       case 4: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 64, 3, 2, 40>>(p, stream);
       case 5: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, true>>(p, stream);
       case 6: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, false, 4>>(p, stream);
