@@ -1,7 +1,8 @@
 """Forward ms of the fused op's kernel paths over SR attention shapes and window sizes (2^20 tokens a call, bf16).
 
 For each (D, R, heads) of the SST family and each window size, the forward with RFSR_FWD_PATH=sm80 (mma.sync), =sm90
-(wgmma, 9.x devices with the sm90 kernels built) and unset (the binding's own choice). This is the measurement the
+(wgmma, 9.x devices with the sm90 kernels built), =sm90ws (the warp-specialised wgmma kernel; sm90ws:K picks tile
+variant K of a build with -DRFSR_SM90WS_VARIANTS) and unset (the binding's own choice). This is the measurement the
 binding's path choice rests on (csrc/rfbias_cuda.cpp), and the quick A/B of a kernel build variant:
 
     python benchmarks/bench_fwd_paths.py [--out FILE.json] [--windows 16,32,64] [--paths sm80,sm90,default] [--tag NAME]
@@ -46,20 +47,27 @@ def bench_ms(fn) -> float:
 
 
 def run_path(path: str, fn):
-    old = os.environ.get("RFSR_FWD_PATH")
-    if path == "default":
-        os.environ.pop("RFSR_FWD_PATH", None)
-    else:
-        os.environ["RFSR_FWD_PATH"] = path
+    """Median ms of fn on `path`: default (unset), sm80, sm90, sm90ws, or sm90ws:K (tile variant K of a build with
+    RFSR_SM90WS_VARIANTS, see csrc/rfbias/sm90/fwd_ws_kernel.h)."""
+    keys = ("RFSR_FWD_PATH", "RFSR_SM90WS_VARIANT")
+    old = {k: os.environ.get(k) for k in keys}
+    name, _, variant = path.partition(":")
+    for k in keys:
+        os.environ.pop(k, None)
+    if name != "default":
+        os.environ["RFSR_FWD_PATH"] = name
+    if variant:
+        os.environ["RFSR_SM90WS_VARIANT"] = variant
     try:
         return bench_ms(fn), None
     except (RuntimeError, ValueError) as e:  # e.g. no sm90 kernel in this build
         return None, str(e).splitlines()[0][:160]
     finally:
-        if old is None:
-            os.environ.pop("RFSR_FWD_PATH", None)
-        else:
-            os.environ["RFSR_FWD_PATH"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv=None):

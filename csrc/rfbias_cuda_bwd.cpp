@@ -13,6 +13,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "rfbias_aten.h"
@@ -113,8 +115,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
                 is_aligned(dout, 16);
   p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_k, 4);
   p.bqs_vec2 = s.R > 0 && s.R % 2 == 0;
+  // RFSR_BWD_PATH=sm90: the wgmma dK/dV and dQ kernels (sm90/bwd_kernel.h), an experiment; they exist only in
+  // builds with RFSR_NVCC_FLAGS=-DRFSR_SM90_BWD and run only on 9.x devices. A request that cannot be met is an
+  // error rather than a silent fallback.
+  const char* path_env = std::getenv("RFSR_BWD_PATH");
+  const std::string path = path_env != nullptr ? std::string(path_env) : std::string();
+  TORCH_CHECK_VALUE(path.empty() || path == "sm80" || path == "sm90",
+                    "RFSR_BWD_PATH must be sm80 or sm90 (or unset), got '", path, "'");
+  p.sm90 = path == "sm90";
+  TORCH_CHECK_VALUE(!p.sm90 || arch / 10 == 9, "RFSR_BWD_PATH=sm90 needs compute capability 9.x; device ",
+                    dev_str(q_in), " (", prop->name, ") is ", num(prop->major), ".", num(prop->minor));
 
   const cudaError_t err = kernel->run(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK_VALUE(!(p.sm90 && err == cudaErrorNotSupported), "RFSR_BWD_PATH=sm90: this build has no wgmma "
+                    "backward kernels (build with RFSR_NVCC_FLAGS=-DRFSR_SM90_BWD)");
   TORCH_CHECK(err == cudaSuccess, "flash_rfbias_bwd: launching ", kernel->name, " failed: ", cudaGetErrorString(err));
   return {dq, dk, dv, dbq, dbk};
 }

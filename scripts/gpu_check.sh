@@ -58,9 +58,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
-  # memcheck and racecheck on small forward + backward shapes; any report fails the check
+  # memcheck, racecheck and synccheck (the warp-specialised forward's mbarrier protocol) on small forward +
+  # backward shapes; any report fails the check
   SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool $tool --error-exitcode 9 \
         $PY scripts/sanitize_small.py > "$OUT_DIR/sanitizer-$tool.log" 2>&1
     rc=$?

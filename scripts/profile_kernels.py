@@ -1,6 +1,7 @@
 """Workloads and SASS summaries for profiling the attention kernels with Nsight Compute (scripts/profile_kernels.sh).
 
-    python scripts/profile_kernels.py run fwd|bwd [--windows 32] [--window 64]   one sst_w64-shaped call (after warm-up)
+    python scripts/profile_kernels.py run fwd|bwd [--windows 32] [--window 64] [--shape D,R,H]
+                                                                                one sst_w64-shaped call (after warm-up)
     python scripts/profile_kernels.py summary SOURCE.csv                       instruction mix, stall reasons and the
                                                                                 hottest blocks of an `ncu --page source
                                                                                 --csv --print-source sass` export
@@ -15,11 +16,12 @@ import io
 import sys
 
 
-def run(what: str, windows: int, window: int) -> None:
+def run(what: str, windows: int, window: int, shape: str = "30,34,6") -> None:
     import torch
     import rfsr_cuda
 
-    B, N, H, D, R = windows, window * window, 6, 30, 34  # SST's 64x64-window layers
+    D, R, H = (int(x) for x in shape.split(","))
+    B, N = windows, window * window
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     bq, bk = ((torch.randn(H, N, R, device="cuda", generator=g) * 0.3).bfloat16() for _ in range(2))
@@ -81,11 +83,12 @@ def main(argv=None):
     r.add_argument("what", choices=["fwd", "bwd"])
     r.add_argument("--windows", type=int, default=32)
     r.add_argument("--window", type=int, default=64)
+    r.add_argument("--shape", default="30,34,6", help="D,R,heads (default: SST's 64x64-window layers)")
     s = sub.add_parser("summary")
     s.add_argument("csv")
     a = ap.parse_args(argv)
     if a.cmd == "run":
-        run(a.what, a.windows, a.window)
+        run(a.what, a.windows, a.window, a.shape)
     else:
         summary(a.csv)
 

@@ -4,6 +4,7 @@
 # RFSR_NVCC_FLAGS=-lineinfo for source-level counters) and ncu on the PATH.
 #
 #   scripts/profile_kernels.sh [OUT_DIR]
+#   PROFILES="name:path:variant:D,R,H ..." scripts/profile_kernels.sh [OUT_DIR]   chosen forward profiles
 # Writes per profile: <name>.txt (ncu details page), <name>_sass.csv (per-instruction counters) and
 # <name>_summary.txt (instruction mix, stall reasons and hottest blocks, from scripts/profile_kernels.py).
 set -uo pipefail
@@ -28,6 +29,15 @@ profile() {  # name, kernel regex, launches to skip, launches to profile, worklo
   cat "$OUT_DIR/${name}_summary.txt"
 }
 
+if [ -n "${PROFILES:-}" ]; then
+  # PROFILES: space-separated NAME:FWD_PATH[:VARIANT]:D,R,H entries, forward only, e.g.
+  #   PROFILES="ws3_d30:sm90ws:3:30,34,6 sm90_d32:sm90::32,32,7"
+  for spec in $PROFILES; do
+    IFS=: read -r name path variant shape <<< "$spec"
+    RFSR_FWD_PATH=$path RFSR_SM90WS_VARIANT=$variant profile "$name" rfbias_fwd 1 1 fwd --shape "$shape"
+  done
+  exit 0
+fi
 RFSR_FWD_PATH=sm80 profile fwd_sm80 rfbias_fwd 1 1 fwd
 RFSR_FWD_PATH=sm90 profile fwd_sm90 rfbias_fwd 1 1 fwd
 profile bwd_sm80 "bwd_(dkdv|dq)_kernel" 2 2 bwd

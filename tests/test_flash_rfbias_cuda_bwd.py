@@ -26,6 +26,43 @@ if cuda_ok:
     if not _fused_bwd_registered():
         pytestmark.append(pytest.mark.skip(reason="fused CUDA backward not registered in this build"))
 
+
+
+def _sm90_bwd_available() -> bool:
+    """The wgmma backward kernels can run: a 9.x device and a build with -DRFSR_SM90_BWD (otherwise
+    RFSR_BWD_PATH=sm90 raises)."""
+    if not cuda_ok or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    import os
+    old = os.environ.get("RFSR_BWD_PATH")
+    os.environ["RFSR_BWD_PATH"] = "sm90"
+    try:
+        x = torch.zeros(1, 1, 1, 30, device="cuda", dtype=torch.bfloat16)
+        f = torch.zeros(1, 1, 18, device="cuda", dtype=torch.bfloat16)
+        lse = torch.zeros(1, 1, 1, device="cuda")
+        torch.ops.rfsr.flash_rfbias_bwd(x, x, x, x, f, f, x, lse, 1.0)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+    finally:
+        if old is None:
+            del os.environ["RFSR_BWD_PATH"]
+        else:
+            os.environ["RFSR_BWD_PATH"] = old
+
+
+@pytest.fixture(autouse=True, params=["sm80", "sm90"], scope="module")
+def bwd_path(request):
+    """Every test runs on the sm80 backward kernels and, where they are built (RFSR_NVCC_FLAGS=-DRFSR_SM90_BWD)
+    and the device is 9.x, on the wgmma ones, forced with RFSR_BWD_PATH."""
+    if request.param == "sm90" and not _sm90_bwd_available():
+        pytest.skip("the wgmma backward needs a 9.x device and a build with -DRFSR_SM90_BWD")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RFSR_BWD_PATH", request.param)
+    yield request.param
+    mp.undo()
+
+
 TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2}
 NAMES = ("dq", "dk", "dv", "dbias_q", "dbias_k")
 

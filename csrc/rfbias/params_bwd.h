@@ -70,6 +70,9 @@ struct RfbiasBwdParams {
   bool qkv_vec16;
   bool bias_vec2;  // bias_k rows 4-byte aligned and R even
   bool bqs_vec2;   // R even (bq_scaled is contiguous)
+
+  // The dK/dV and dQ kernels on the wgmma path (sm90/bwd_kernel.h; builds with -DRFSR_SM90_BWD, 9.x devices).
+  bool sm90;
 };
 
 // Rows owned by one CTA of the main backward kernels (keys in the dK/dV kernel, queries in the dQ kernel).

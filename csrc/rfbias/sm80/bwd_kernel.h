@@ -234,6 +234,21 @@ __device__ __forceinline__ int prefetch_distance(int inner_blocks) {
   return min(kStages - 1, 2 * inner_blocks - 1);
 }
 
+// A step of the walk: step number s, window w of the chunk, inner tile j of the window, ring slot. Advanced by
+// counters: the divisions by the tile count and the ring size cost more issue slots per step than they seem.
+struct BwdStep {
+  int s = 0, w = 0, j = 0, slot = 0;
+  template <int kStages>
+  __device__ __forceinline__ void advance(int inner_blocks) {
+    ++s;
+    if (++j == inner_blocks) {
+      j = 0;
+      ++w;
+    }
+    if (++slot == kStages) slot = 0;
+  }
+};
+
 template <int kStages>
 __device__ __forceinline__ void wait_ring(int dist) {
   if (kStages > 2 && dist >= 2) {
@@ -331,9 +346,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkd
   const int64_t bqs_batch = p.bias_batched ? int64_t(H) * N * R : 0;
 
   // Step s = (window w, query tile j); tiles are walked from the last (partial) one.
-  auto load_step = [&](int s) {
-    const int w = s / m_blocks;
-    const int j = s - w * m_blocks;
+  auto load_step = [&](const BwdStep& st) {
+    const int w = st.w;
+    const int j = st.j;
     const int b = cta.b_begin + w;
     if (j == 0) {  // the window's stationary tile: [k | bias_k] and v rows of this key block
       Slot<Traits, kBlockN> o(outer_base + (w & 1) * Traits::kOuterSlot);
@@ -351,7 +366,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkd
     }
     const int m0 = (m_blocks - 1 - j) * kBlockM;
     const int valid = min(kBlockM, N - m0);
-    Slot<Traits, kBlockM> in(inner_base + (s % kStages) * Traits::kInnerSlot);
+    Slot<Traits, kBlockM> in(inner_base + st.slot * Traits::kInnerSlot);
     const Element* gq = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                         int64_t(m0) * p.q_row_stride;
     const Element* gdo = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
@@ -406,21 +421,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkd
 
   const float scale_log2 = p.scale_log2;
   const int64_t out_row_stride = int64_t(H) * D;
-  const int partial_limit = N - (m_blocks - 1) * kBlockM;  // valid queries of the first (last-index) tile
 
-  for (int s = 0; s < dist; ++s) {
-    if (s < steps) load_step(s);
+  BwdStep ld;  // the step being loaded: always `dist` steps ahead of `cur`
+  for (int i = 0; i < dist; ++i) {
+    if (ld.s < steps) load_step(ld);
     dev::cp_async_commit();
+    ld.advance<kStages>(m_blocks);
   }
 
-  for (int s = 0; s < steps; ++s) {
-    const int w = s / m_blocks;
-    const int j = s - w * m_blocks;
+  for (BwdStep cur; cur.s < steps; cur.advance<kStages>(m_blocks)) {
+    const int w = cur.w;
+    const int j = cur.j;
     const int b = cta.b_begin + w;
     wait_ring<kStages>(dist);
     __syncthreads();  // step s has landed for everybody; everybody is done with step s - 1
-    if (s + dist < steps) load_step(s + dist);
+    if (ld.s < steps) load_step(ld);
     dev::cp_async_commit();
+    ld.advance<kStages>(m_blocks);
 
     Slot<Traits, kBlockN> o(outer_base + (w & 1) * Traits::kOuterSlot);
     Tensor sK = make_tensor(make_smem_ptr(o.qk), LayoutKo{});
@@ -435,7 +452,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkd
       }
     }
 
-    Slot<Traits, kBlockM> in(inner_base + (s % kStages) * Traits::kInnerSlot);
+    Slot<Traits, kBlockM> in(inner_base + cur.slot * Traits::kInnerSlot);
     Tensor sQ = make_tensor(make_smem_ptr(in.qk), LayoutQ{});
     Tensor sQt = make_tensor(make_smem_ptr(in.qk), LayoutQt{});
     Tensor sdO = make_tensor(make_smem_ptr(in.v), LayoutdO{});
@@ -462,19 +479,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dkd
       col_lse2[ni] = in.lse2[col];
       col_delta[ni] = in.delta[col];
     }
-    const bool masked = j == 0 && partial_limit < kBlockM;
+    // No mask for the query columns past N of a partial tile: their q, factor and dO rows and their lse2 and delta
+    // were zero-filled, so S = 0, P = 1 and dS = 0 there, and P meets only the zero dO rows in dV += P^T dO.
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(S); ++mi) {
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) {
-        float pv = exp2f(S(mi, ni) * scale_log2 - col_lse2[ni]);
-        float ds = pv * (dP(mi, ni) - col_delta[ni]);
-        if (masked && int(get<1>(cS_rc(mi, ni))) >= partial_limit) {
-          pv = 0.f;
-          ds = 0.f;
-        }
+        const float pv = exp2f(S(mi, ni) * scale_log2 - col_lse2[ni]);
+        dP(mi, ni) = pv * (dP(mi, ni) - col_delta[ni]);
         S(mi, ni) = pv;
-        dP(mi, ni) = ds;
       }
     }
 
@@ -543,9 +556,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dq_
   const Element* bqs_head = static_cast<const Element*>(p.bq_scaled) + int64_t(h) * N * R;
   const int64_t bqs_batch = p.bias_batched ? int64_t(H) * N * R : 0;
 
-  auto load_step = [&](int s) {
-    const int w = s / n_blocks;
-    const int j = s - w * n_blocks;
+  auto load_step = [&](const BwdStep& st) {
+    const int w = st.w;
+    const int j = st.j;
     const int b = cta.b_begin + w;
     if (j == 0) {  // the window's stationary tile: [q | bq_scaled], dO rows and their statistics
       Slot<Traits, kBlockM> o(outer_base + (w & 1) * Traits::kOuterSlot);
@@ -564,7 +577,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dq_
     }
     const int n0 = (n_blocks - 1 - j) * kBlockN;
     const int valid = min(kBlockN, N - n0);
-    Slot<Traits, kBlockN> in(inner_base + (s % kStages) * Traits::kInnerSlot);
+    Slot<Traits, kBlockN> in(inner_base + st.slot * Traits::kInnerSlot);
     const Element* gk = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride +
                         int64_t(n0) * p.k_row_stride;
     const Element* gv = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride +
@@ -614,19 +627,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dq_
   const int64_t out_row_stride = int64_t(H) * D;
   const int partial_limit = N - (n_blocks - 1) * kBlockN;  // valid keys of the first (last-index) tile
 
-  for (int s = 0; s < dist; ++s) {
-    if (s < steps) load_step(s);
+  BwdStep ld;  // the step being loaded: always `dist` steps ahead of `cur`
+  for (int i = 0; i < dist; ++i) {
+    if (ld.s < steps) load_step(ld);
     dev::cp_async_commit();
+    ld.advance<kStages>(n_blocks);
   }
 
-  for (int s = 0; s < steps; ++s) {
-    const int w = s / n_blocks;
-    const int j = s - w * n_blocks;
+  for (BwdStep cur; cur.s < steps; cur.advance<kStages>(n_blocks)) {
+    const int w = cur.w;
+    const int j = cur.j;
     const int b = cta.b_begin + w;
     wait_ring<kStages>(dist);
     __syncthreads();
-    if (s + dist < steps) load_step(s + dist);
+    if (ld.s < steps) load_step(ld);
     dev::cp_async_commit();
+    ld.advance<kStages>(n_blocks);
 
     Slot<Traits, kBlockM> o(outer_base + (w & 1) * Traits::kOuterSlot);
     Tensor sQ = make_tensor(make_smem_ptr(o.qk), LayoutQo{});
@@ -647,7 +663,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) bwd_dq_
       }
     }
 
-    Slot<Traits, kBlockN> in(inner_base + (s % kStages) * Traits::kInnerSlot);
+    Slot<Traits, kBlockN> in(inner_base + cur.slot * Traits::kInnerSlot);
     Tensor sK = make_tensor(make_smem_ptr(in.qk), LayoutK{});
     Tensor sKt = make_tensor(make_smem_ptr(in.qk), LayoutKt{});
     Tensor sV = make_tensor(make_smem_ptr(in.v), LayoutV{});

@@ -7,6 +7,9 @@
 
 #include "../params_bwd.h"
 #include "bwd_kernel.h"
+#ifdef RFSR_SM90_BWD
+#include "../sm90/bwd_kernel.h"
+#endif
 
 namespace rfsr {
 namespace sm80 {
@@ -45,11 +48,22 @@ cudaError_t run_bwd(const RfbiasBwdParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
 
-  const int64_t per_block = int64_t(p.H) * p.n_chunks;  // CTAs per row block
-  const int64_t blocks = (p.N + Traits::kBlockOuter - 1) / Traits::kBlockOuter;
-  e = launch_tiles(&bwd_dkdv_kernel<Traits>, blocks * per_block, Traits::kNThreads, Traits::kSmemBytes, p, stream);
-  if (e != cudaSuccess) return e;
-  e = launch_tiles(&bwd_dq_kernel<Traits>, blocks * per_block, Traits::kNThreads, Traits::kSmemBytes, p, stream);
+  // The wgmma main kernels (experiment builds only) take the buckets whose accumulators fit one warpgroup's
+  // registers (Dqk + Dv <= 160); wider ones keep the sm80 kernels.
+  constexpr bool kSm90Fits = kDqk + kDv <= 160;
+  if (kSm90Fits && p.sm90) {
+#ifdef RFSR_SM90_BWD
+    if constexpr (kSm90Fits) e = sm90::run_bwd_main<Element, kDqk, kDv>(p, stream);
+#else
+    e = cudaErrorNotSupported;
+#endif
+  } else {
+    const int64_t per_block = int64_t(p.H) * p.n_chunks;  // CTAs per row block
+    const int64_t blocks = (p.N + Traits::kBlockOuter - 1) / Traits::kBlockOuter;
+    e = launch_tiles(&bwd_dkdv_kernel<Traits>, blocks * per_block, Traits::kNThreads, Traits::kSmemBytes, p, stream);
+    if (e != cudaSuccess) return e;
+    e = launch_tiles(&bwd_dq_kernel<Traits>, blocks * per_block, Traits::kNThreads, Traits::kSmemBytes, p, stream);
+  }
   if (e != cudaSuccess) return e;
 
   if (p.R > 0) {

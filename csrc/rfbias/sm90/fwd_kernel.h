@@ -153,18 +153,19 @@ struct SwizzledRowPlan {
     }
     s_step = kIts > 1 ? int(&s(row + kRowsPerIt, col0) - base) - s_off[0] : 0;
   }
-  // Copies columns [0, D) of rows [r0, r0 + valid_rows) of the head into the tile at `dst`. Full tiles (all but a
-  // window's last) take a version without per-row tests.
-  __device__ __forceinline__ void copy(Element* dst, int r0, int valid_rows) const {
+  // Copies columns [0, D) of rows [r0, r0 + valid_rows) of the head into the tile at `dst`; `shift` (elements)
+  // moves the source, e.g. to another window of the same head. Full tiles (all but a window's last) take a version
+  // without per-row tests.
+  __device__ __forceinline__ void copy(Element* dst, int r0, int valid_rows, int64_t shift = 0) const {
     if (valid_rows >= kRows) {
-      copy_rows<true>(dst, r0, kRows);
+      copy_rows<true>(dst, r0, kRows, shift);
     } else {
-      copy_rows<false>(dst, r0, valid_rows);
+      copy_rows<false>(dst, r0, valid_rows, shift);
     }
   }
   template <bool kFull>
-  __device__ __forceinline__ void copy_rows(Element* dst, int r0, int valid_rows) const {
-    const Element* g = src + int64_t(r0) * row_stride;
+  __device__ __forceinline__ void copy_rows(Element* dst, int r0, int valid_rows, int64_t shift = 0) const {
+    const Element* g = src + shift + int64_t(r0) * row_stride;
     const int64_t step = int64_t(kRowsPerIt) * row_stride;
     CUTE_UNROLL
     for (int it = 0; it < kIts; ++it) {
@@ -193,7 +194,7 @@ template <int kNThreads>
 struct SwizzledFactorPlan {
   static constexpr int kMaxTpr = kNThreads / 8;
   static constexpr int kMaxK = (128 + kMaxTpr - 1) / kMaxTpr;
-  int units, tpr, rows_per_it, row, lane_unit, s_step, nk;
+  int units, tpr, rows_per_it, row, lane_unit, s_step, nk, kk;
   int s_off[kMaxK];
   bool active;
   template <class STensor>
@@ -205,7 +206,8 @@ struct SwizzledFactorPlan {
     active = active && tidx < rows_per_it * tpr;
     row = tidx / tpr;
     lane_unit = tidx - row * tpr;
-    nk = (units - lane_unit + tpr - 1) / tpr;  // units of this thread in a row
+    nk = (units - lane_unit + tpr - 1) / tpr;  // units of this thread in a row: kk or kk - 1
+    kk = (units + tpr - 1) / tpr;
     const int w = vec2 ? 2 : 1;
     const auto* base = &s(0, 0);
     CUTE_UNROLL
@@ -216,32 +218,44 @@ struct SwizzledFactorPlan {
     s_step = int(&s(row + rows_per_it, D + lane_unit * w) - base) - s_off[0];
   }
   // The row loop only advances a pointer and an offset (per-row address arithmetic used to cost more issue slots
-  // than the copies); the vec2 test is outside it.
+  // than the copies); the vec2 test and the units per thread (kK, a template argument: only the last copy of a row is
+  // predicated) are outside it. A loop over kMaxK predicated copies cost ~55 instructions a row at R = 34 with one
+  // warpgroup copying, and made that rank twice as slow as R = 32 in the warp-specialised forward.
   template <typename Element>
   __device__ __forceinline__ void copy(Element* dst, const Element* g, int64_t row_stride, int valid_rows, bool vec2,
                                        float mult) const {
     if (!active) return;
+    copy_k<1>(dst, g, row_stride, valid_rows, vec2, mult);
+  }
+  template <int kK, typename Element>
+  __device__ __forceinline__ void copy_k(Element* dst, const Element* g, int64_t row_stride, int valid_rows, bool vec2,
+                                         float mult) const {
+    // 1 and 2 units per thread (R <= 4 * kNThreads / 8 with vec2, which holds SST's ranks) get their own loops; more
+    // take the loop over kMaxK (fewer instantiations keep the producer's register count down).
+    if constexpr (kK < 3) {
+      if (kk != kK) {
+        copy_k<kK + 1>(dst, g, row_stride, valid_rows, vec2, mult);
+        return;
+      }
+    }
+    constexpr int kUnroll = kK < 3 ? kK : kMaxK;
     const int w = vec2 ? 2 : 1;
     const Element* src = g + row * row_stride + lane_unit * w;
     const int64_t step = int64_t(rows_per_it) * row_stride;
     const int src_k = tpr * w;
     int row_off = 0;
-    if (vec2 && units <= tpr) {  // one unit per thread and row (R <= 2 * kNThreads / 8)
-      for (int r = row; r < valid_rows; r += rows_per_it, src += step, row_off += s_step) {
-        dev::cp_async_4(dst + s_off[0] + row_off, src, true);
-      }
-    } else if (vec2) {
+    if (vec2) {
       for (int r = row; r < valid_rows; r += rows_per_it, src += step, row_off += s_step) {
         CUTE_UNROLL
-        for (int k = 0; k < kMaxK; ++k) {
-          if (k < nk) dev::cp_async_4(dst + s_off[k] + row_off, src + k * src_k, true);
+        for (int k = 0; k < kUnroll; ++k) {
+          if ((kK < 3 && k + 1 < kK) || k < nk) dev::cp_async_4(dst + s_off[k] + row_off, src + k * src_k, true);
         }
       }
     } else {
       for (int r = row; r < valid_rows; r += rows_per_it, src += step, row_off += s_step) {
         CUTE_UNROLL
-        for (int k = 0; k < kMaxK; ++k) {
-          if (k < nk) {
+        for (int k = 0; k < kUnroll; ++k) {
+          if ((kK < 3 && k + 1 < kK) || k < nk) {
             uint16_t x = *reinterpret_cast<const uint16_t*>(src + k * src_k);
             if (mult != 1.0f) x = dev::Pack2<Element>::scale1(x, mult);
             *reinterpret_cast<uint16_t*>(dst + s_off[k] + row_off) = x;
@@ -512,7 +526,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
 }
 
 template <typename Element, int kDqk, int kDv>
-cudaError_t run_fwd(const RfbiasFwdParams& p, cudaStream_t stream) {
+cudaError_t run_fwd_uniform(const RfbiasFwdParams& p, cudaStream_t stream) {
   using Traits = typename FwdConfigSm90<Element, kDqk, kDv>::Traits;
   const int64_t m_blocks = (int64_t(p.N) + Traits::kBlockM - 1) / Traits::kBlockM;
   const int64_t grid = m_blocks * p.B * p.H;

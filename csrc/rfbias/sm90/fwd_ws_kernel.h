@@ -1,0 +1,550 @@
+// sm90a forward kernel, warp-specialised: one producer warpgroup copies, kConsumers warpgroups compute.
+//
+// The uniform kernel (fwd_kernel.h) has every thread copy its share of each K/V tile and meet at a CTA barrier per
+// tile; with D = 30 rows every copy is a 4-byte cp.async, and the copy instructions took a large share of the issue
+// slots of the warps that also run the softmax. Here:
+//   * warpgroup 0 (the producer) builds the copy plans once and streams [k | bias_k] and v tiles into a kStages-deep
+//     ring, each slot guarded by a `full` mbarrier (the producer threads' cp.async arrivals) and an `empty` one
+//     (one arrival per consumer warp once its wgmmas that read the slot have retired); it also stages the query
+//     tiles [q * q_mult | bias_q * bq_mult] and scales them in place;
+//   * warpgroups 1..kConsumers each own 64 query rows and run the uniform kernel's wgmma loop (S(j + 1) and
+//     O += P(j) V(j) queued back to back, the softmax of S(j + 1) during the PV product) with no copies and no CTA
+//     barriers: a consumer waits only for the slot it reads next.
+// Where the launch bound leaves the consumers too few registers (several CTAs per SM, three consumers, two P
+// buffers), registers move from the producer to them (setmaxnreg). Shared-memory tiles and copy plans are those of
+// the uniform kernel (GMMA canonical swizzled layouts, SwizzledRowPlan / SwizzledFactorPlan). The binding
+// takes this kernel for the large windows of the SST-family buckets on 9.x devices (csrc/rfbias_cuda.cpp);
+// RFSR_FWD_PATH=sm90 still selects the uniform kernel, whose consumer code this one repeats (GEMM issue, softmax,
+// epilogue) until the uniform kernel is retired. scripts/gpu_eval.sh is the evaluation of both.
+//
+// Ordering of the copies with wgmma: cp.async writes are made visible through the mbarrier (each producer thread's
+// cp.async.mbarrier.arrive.noinc arrives once its copies have landed). Writes that are not cp.async (the odd-rank
+// factor copies, the in-place scaling of the query tile) are followed by an async-proxy fence and a plain arrive
+// (release), counted in the barrier's expected arrivals.
+#pragma once
+
+#include "fwd_kernel.h"
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+// Registers kept by the producer warpgroup (its copy plans and row loops must fit without spilling).
+#ifndef RFSR_SM90WS_PRODUCER_REGS
+#define RFSR_SM90WS_PRODUCER_REGS 40
+#endif
+
+namespace rfsr {
+namespace sm90 {
+
+template <typename Element_, int kDqk_, int kDv_, int kConsumers_, int kBlockN_, int kStages_, int kMinBlocks_,
+          int kProducerRegs_ = RFSR_SM90WS_PRODUCER_REGS, bool kPingpong_ = false, int kSoftExp_ = 0,
+          bool kDoubleP_ = false>
+struct FwdWsTraits {
+  using Element = Element_;
+  static constexpr int kDqk = kDqk_;
+  static constexpr int kDv = kDv_;
+  static constexpr int kConsumers = kConsumers_;
+  static constexpr int kBlockM = 64 * kConsumers;  // query rows per CTA, 64 per consumer warpgroup
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNThreads = 128 * (kConsumers + 1);
+  static constexpr int kStages = kStages_;
+  static constexpr int kMinBlocks = kMinBlocks_;
+  // Consumers take turns to issue their GEMMs (named barriers), so that one's softmax runs while another's GEMMs do.
+  static constexpr bool kPingpong = kPingpong_ && kConsumers > 1;
+  // Every kSoftExp-th exponential of the unmasked tiles on the FMA pipe (dev::exp2_poly3); 0: all on the exp unit.
+  static constexpr int kSoftExp = kSoftExp_;
+  // Two P register buffers: P(j + 1) is converted while O += P(j) V(j) still reads P(j), and O is rescaled before
+  // the next PV product is issued, so nothing in the softmax waits for the running PV product (ptxas hoists that
+  // wait above the exponentials otherwise, to pack P early). Needs more consumer registers.
+  static constexpr bool kDoubleP = kDoubleP_;
+  static_assert(!(kDoubleP && kPingpong), "one consumer schedule at a time");
+  // With two P buffers slot j - 1 is released only after tile j + 1 has been waited for: three slots at least.
+  static_assert(!kDoubleP || kStages >= 3, "two P buffers need three stages");
+  static_assert(kStages >= 2, "a ring needs two slots");
+  static_assert(kDqk % 16 == 0 && kDv % 16 == 0 && kBlockN % 16 == 0, "wgmma tile constraints");
+
+  // Registers: the launch bound gives every thread kLaunchRegs. When that is too few for the consumers (more than
+  // one CTA per SM), registers move from the producer to the consumers with setmaxnreg (multiples of 8): the
+  // producer keeps kProducerRegs, the consumers share the rest of the CTA's part of the register file.
+  static constexpr int kLaunchRegs = (65536 / (kNThreads * kMinBlocks) > 255 ? 255 : 65536 / (kNThreads * kMinBlocks)) / 8 * 8;
+  static constexpr bool kRealloc = kLaunchRegs < 160 || kDoubleP;
+  static constexpr int kProducerRegs = kProducerRegs_;
+  // setmaxnreg moves registers within the CTA's own allocation (kNThreads x kLaunchRegs, what ptxas gives the
+  // kernel at the launch bound): a consumer request beyond what the producer released would never be granted.
+  static constexpr int kConsumerRegsRaw =
+      (kNThreads * kLaunchRegs - 128 * kProducerRegs) / (128 * kConsumers);
+  static constexpr int kConsumerRegs = (kConsumerRegsRaw > 240 ? 240 : kConsumerRegsRaw) / 8 * 8;
+  static_assert(!kRealloc || (kConsumerRegs >= 96 && kProducerRegs <= kLaunchRegs), "register split");
+
+  // One warpgroup per MMA: each consumer runs its own 64-row GEMMs.
+  using TiledMmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kDqk>>>()));
+  using TiledMmaO = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kDv>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+
+  using SmemLayoutQ = decltype(cute::tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<cute::GMMA::Major::K, Element, cute::_64,
+                                                          cute::Int<kDqk>>(),
+      cute::Shape<cute::_64, cute::Int<kDqk>>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<cute::GMMA::Major::K, Element, cute::Int<kBlockN>,
+                                                          cute::Int<kDqk>>(),
+      cute::Shape<cute::Int<kBlockN>, cute::Int<kDqk>>{}));
+  using SmemLayoutVt = decltype(cute::tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<cute::GMMA::Major::MN, Element, cute::Int<kDv>,
+                                                          cute::Int<kBlockN>>(),
+      cute::Shape<cute::Int<kDv>, cute::Int<kBlockN>>{}));
+
+  static constexpr int align1k(int bytes) { return (bytes + 1023) / 1024 * 1024; }
+  static constexpr int kBytesQ = align1k(64 * kDqk * int(sizeof(Element)));  // one consumer's query tile
+  static constexpr int kBytesK = align1k(kBlockN * kDqk * int(sizeof(Element)));
+  static constexpr int kBytesV = align1k(kBlockN * kDv * int(sizeof(Element)));
+  static constexpr int kBytesTiles = kConsumers * kBytesQ + kStages * (kBytesK + kBytesV);
+  static constexpr int kBytesBarriers = (2 * kStages + 1) * 8;  // full[], empty[], query
+  static constexpr int kSmemBytes = kBytesTiles + kBytesBarriers + 1024;  // + alignment slack
+};
+
+// Tile choice per head-dim bucket. The SST-family buckets (Dqk <= 64, Dv <= 32) take three consumer warpgroups
+// (192 query rows; the producer keeps 80 registers and the consumers get the rest): in the A/B of 2026-11-27 (H200,
+// benchmarks/results/fwd-ws-h200-2026-11-27.md) that was 5-10% faster than two at N >= 4096, except D = 30, R = 34
+// (within 4%). Wider buckets keep two consumers, with 64-key tiles where 128-key S tiles would not fit.
+template <typename Element, int kDqk, int kDv>
+struct FwdWsConfig {
+  static constexpr bool kNarrow = kDqk <= 64 && kDv <= 32;
+  static constexpr bool kWide = kDqk + kDv > 160;  // 128-key S tiles and a wide O would not fit the registers
+  using Traits = FwdWsTraits<Element, kDqk, kDv, kNarrow ? 3 : 2, kWide ? 64 : 128, 3, 1, kNarrow ? 80 : 40>;
+};
+
+template <class Traits, bool kVec16>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_fwd_ws_kernel(const RfbiasFwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using Element = typename Traits::Element;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kDv = Traits::kDv;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kConsumers = Traits::kConsumers;
+
+  extern __shared__ uint8_t smem_dyn[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_dyn) + 1023) & ~uintptr_t(1023));
+  uint8_t* sQ_base = smem;
+  uint8_t* sK_base = sQ_base + kConsumers * Traits::kBytesQ;
+  uint8_t* sV_base = sK_base + kStages * Traits::kBytesK;
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Traits::kBytesTiles);
+  uint64_t* empty_bar = full_bar + kStages;
+  uint64_t* query_bar = empty_bar + kStages;
+  auto sQ_at = [&](int c) { return reinterpret_cast<Element*>(sQ_base + c * Traits::kBytesQ); };
+  auto sK_at = [&](int slot) { return reinterpret_cast<Element*>(sK_base + slot * Traits::kBytesK); };
+  auto sV_at = [&](int slot) { return reinterpret_cast<Element*>(sV_base + slot * Traits::kBytesV); };
+
+  const int N = p.N, D = p.D, R = p.R;
+  const int m_blocks = (N + kBlockM - 1) / kBlockM;
+  const int64_t bid = blockIdx.x;
+  const int m_block = int(bid % m_blocks);
+  const int64_t hb = bid / m_blocks;
+  const int b = int(hb % p.B);
+  const int h = int(hb / p.B);
+  const int m0 = m_block * kBlockM;
+  const int n_blocks = (N + kBlockN - 1) / kBlockN;
+
+  // 1. Clear the tiles (pad columns, and rows past N of the first, partial key tile and of the query tiles, stay zero:
+  //    the partial tile is the first one written to its slot) and set up the barriers.
+  {
+    uint4* z = reinterpret_cast<uint4*>(smem);
+    for (int i = threadIdx.x; i < Traits::kBytesTiles / 16; i += Traits::kNThreads) z[i] = make_uint4(0, 0, 0, 0);
+  }
+  // Factor words written by plain stores (odd rank or unaligned factor rows): each producer thread then arrives twice
+  // per fill, once when its cp.async copies land and once (release) after its stores. The query tile is scaled in
+  // place when a multiplier is not 1 (the usual case: bq_mult = 1 / scale) and then handed over by one plain arrive.
+  const bool sync_factors = R > 0 && !p.bias_vec2;
+  const bool scale_q = p.q_mult != 1.0f || (R > 0 && p.bias_vec2 && p.bq_mult != 1.0f);
+  const int fill_arrivals = sync_factors ? 256 : 128;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(&full_bar[s], fill_arrivals);
+      Barrier::init(&empty_bar[s], 4 * kConsumers);  // one arrival per consumer warp
+    }
+    Barrier::init(query_bar, scale_q ? 128 : fill_arrivals);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  const int tidx = threadIdx.x % 128;  // index inside the warpgroup
+
+  if (warpgroup == 0) {
+    // ---- Producer ------------------------------------------------------------------------------------------------
+    if constexpr (Traits::kRealloc) cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    const Element* q_base = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+    const Element* k_base = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+    const Element* v_base = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+    const Element* bq_base = static_cast<const Element*>(p.bias_q) + b * p.bq_batch_stride + h * p.bq_head_stride;
+    const Element* bk_base = static_cast<const Element*>(p.bias_k) + b * p.bk_batch_stride + h * p.bk_head_stride;
+    constexpr int kVec = kVec16 ? 8 : 2;
+    Tensor sK0 = make_tensor(make_smem_ptr(sK_at(0)), typename Traits::SmemLayoutK{});
+    Tensor sVt0 = make_tensor(make_smem_ptr(sV_at(0)), typename Traits::SmemLayoutVt{});
+    Tensor sV0 = make_tensor(sVt0.data(), select<1, 0>(sVt0.layout()));  // (key, d) view of V^T
+    Tensor sQ0 = make_tensor(make_smem_ptr(sQ_at(0)), typename Traits::SmemLayoutQ{});
+    const SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_k(tidx, sK0, k_base, p.k_row_stride, D);
+    const SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_v(tidx, sV0, v_base, p.v_row_stride, D);
+    const SwizzledFactorPlan<128> plan_bk(tidx, D, R, p.bias_vec2, sK0);
+
+    // This thread's arrivals for a fill of `bar`: one when the copies it issued have landed (noinc: that completion
+    // is the arrival; the incrementing form plus a plain arrive is equivalent but compute-sanitizer's synccheck
+    // reports it), and with plain-store factor words a second, release arrive that publishes them to the async proxy.
+    auto arrive_fill = [&](uint64_t* bar) {
+      cutlass::arch::cpasync_barrier_arrive_noinc(bar);
+      if (sync_factors) {
+        cutlass::arch::fence_view_async_shared();
+        Barrier::arrive(bar);
+      }
+    };
+    auto load_kv = [&](int j) {
+      const int n0 = (n_blocks - 1 - j) * kBlockN;
+      const int valid = min(kBlockN, N - n0);
+      const int slot = j % kStages;
+      plan_k.copy(sK_at(slot), n0, valid);
+      plan_v.copy(sV_at(slot), n0, valid);
+      plan_bk.copy(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride, valid, p.bias_vec2, 1.0f);
+    };
+
+    // Query tiles first. Without scaling they are handed over like a key tile; with scaling (the usual case:
+    // bq_mult = 1 / scale) the first kStages key tiles (their slots are free) are queued before the producer waits
+    // for the query copies, scales them in place and hands them over.
+    {
+      const SwizzledRowPlan<128, 64, kDv, kVec, Element> plan_q(tidx, sQ0, q_base, p.q_row_stride, D);
+      const SwizzledFactorPlan<128> plan_bq(tidx, D, R, p.bias_vec2, sQ0);
+      for (int c = 0; c < kConsumers; ++c) {
+        const int r0 = m0 + 64 * c;
+        const int valid = max(0, min(64, N - r0));
+        plan_q.copy(sQ_at(c), r0, valid);
+        plan_bq.copy(sQ_at(c), bq_base + int64_t(r0) * p.bq_row_stride, p.bq_row_stride, valid, p.bias_vec2,
+                     p.bq_mult);
+      }
+    }
+    dev::cp_async_commit();
+    if (!scale_q) arrive_fill(query_bar);
+    CUTE_UNROLL
+    for (int j = 0; j < kStages; ++j) {
+      if (j < n_blocks) {
+        load_kv(j);
+        arrive_fill(&full_bar[j]);
+      }
+      dev::cp_async_commit();
+    }
+    if (scale_q) {
+      dev::cp_async_wait<kStages>();               // this thread's query copies have landed ...
+      cutlass::arch::NamedBarrier::sync(128, 1);  // ... and every producer thread's
+      const int words = (D + R + 1) / 2;
+      for (int c = 0; c < kConsumers; ++c) {
+        Tensor sQ = make_tensor(make_smem_ptr(sQ_at(c)), typename Traits::SmemLayoutQ{});
+        const int valid = max(0, min(64, N - (m0 + 64 * c)));
+        for (int i = tidx; i < valid * words; i += 128) {
+          const int r = i / words, col = (i - r * words) * 2;
+          const bool is_q = col < D;
+          const float mult = is_q ? p.q_mult : p.bq_mult;
+          // factor words copied by plain stores (odd rank / unaligned rows) were scaled on the way
+          if (mult != 1.0f && (is_q || p.bias_vec2)) {
+            uint32_t* w = reinterpret_cast<uint32_t*>(&sQ(r, col));
+            *w = dev::Pack2<Element>::scale(*w, mult);
+          }
+        }
+      }
+      cutlass::arch::fence_view_async_shared();
+      Barrier::arrive(query_bar);
+    }
+
+    // Steady state: refill each slot once every consumer warp has released it.
+    for (int j = kStages; j < n_blocks; ++j) {
+      const int slot = j % kStages;
+      Barrier::wait(&empty_bar[slot], ((j / kStages) - 1) & 1);
+      load_kv(j);
+      arrive_fill(&full_bar[slot]);
+    }
+    dev::cp_async_wait<0>();  // nothing in flight when the producer warps exit
+    return;
+  }
+
+  // ---- Consumers --------------------------------------------------------------------------------------------------
+  if constexpr (Traits::kRealloc) cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+  const int c = warpgroup - 1;
+  const int lane = threadIdx.x % 32;
+  Tensor sQ = make_tensor(make_smem_ptr(sQ_at(c)), typename Traits::SmemLayoutQ{});
+
+  typename Traits::TiledMmaS mma_s;
+  typename Traits::TiledMmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tidx);
+  auto thr_o = mma_o.get_thread_slice(tidx);
+  Tensor tSrQ = thr_s.make_fragment_A(thr_s.partition_A(sQ));
+  Tensor acc_o = partition_fragment_C(mma_o, Shape<_64, Int<kDv>>{});
+  clear(acc_o);
+
+  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<_64, Int<kBlockN>>{}));
+  Tensor cS_rc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
+  constexpr int kRows = decltype(size<0>(cS_rc))::value;
+  float row_max[kRows], row_sum[kRows], corr[kRows];
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    row_max[i] = -INFINITY;
+    row_sum[i] = 0.f;
+  }
+  const float scale_log2 = p.scale_log2;
+
+  auto wait_full = [&](int j) { Barrier::wait(&full_bar[j % kStages], (j / kStages) & 1); };
+  // Hands slot j back to the producer: every wgmma of this warp that read it has retired.
+  auto release = [&](int j) {
+    if (lane == 0) Barrier::arrive(&empty_bar[j % kStages]);
+  };
+  auto issue_s = [&](auto& acc, int j) {
+    Tensor sK = make_tensor(make_smem_ptr(sK_at(j % kStages)), typename Traits::SmemLayoutK{});
+    Tensor tSrK = thr_s.make_fragment_B(thr_s.partition_B(sK));
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb), acc);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+  };
+  auto softmax = [&](auto& acc, auto first) {
+    constexpr bool kFirst = decltype(first)::value;
+    Tensor S = make_tensor(acc.data(), rowcol_layout(acc.layout()));
+    if (kFirst && n_blocks * kBlockN > N) {  // only tile 0 (the window's last keys) can be partial
+      const int limit = N - (n_blocks - 1) * kBlockN;
+      CUTE_UNROLL
+      for (int mi = 0; mi < size<0>(S); ++mi) {
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(S); ++ni) {
+          if (int(get<1>(cS_rc(mi, ni))) >= limit) S(mi, ni) = -INFINITY;
+        }
+      }
+    }
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      const float mx = fmaxf(row_max[mi], dev::quad_max(dev::row_max(S, mi)));
+      corr[mi] = exp2f((row_max[mi] - mx) * scale_log2);  // exp2(-inf) = 0 on the first tile
+      row_max[mi] = mx;
+      row_sum[mi] = row_sum[mi] * corr[mi] +
+                    dev::row_exp2_sum<kFirst ? 0 : Traits::kSoftExp>(S, mi, scale_log2, mx * scale_log2);
+    }
+  };
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<_64, Int<kBlockN>>{});
+  Tensor rP = make_tensor<Element>(acc_s.layout());
+  Tensor tOrP = make_tensor(rP.data(), acc_as_a_layout(rP.layout()));
+  auto convert_p = [&]() {
+    constexpr int kN = decltype(size(acc_s))::value;
+    cutlass::NumericArrayConverter<Element, float, kN> conv;
+    *reinterpret_cast<cutlass::Array<Element, kN>*>(rP.data()) =
+        conv(*reinterpret_cast<const cutlass::Array<float, kN>*>(acc_s.data()));
+  };
+  auto rescale_o = [&]() {
+    Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      CUTE_UNROLL
+      for (int di = 0; di < size<1>(O); ++di) O(mi, di) *= corr[mi];
+    }
+  };
+  auto issue_pv = [&](int j) {
+    Tensor sVt = make_tensor(make_smem_ptr(sV_at(j % kStages)), typename Traits::SmemLayoutVt{});
+    Tensor tOrVt = thr_o.make_fragment_B(thr_o.partition_B(sVt));
+    warpgroup_fence_operand(acc_o);
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+      cute::gemm(mma_o, tOrP(_, _, kb), tOrVt(_, _, kb), acc_o);
+    }
+    warpgroup_commit_batch();
+  };
+
+  // Pingpong: consumer c issues its GEMMs after consumer c - 1 (round robin; named barrier 2 + c, 256 threads: its
+  // own 128 waiting and the predecessor's 128 arriving). The last consumer opens the first round and skips its last
+  // hand-over, so that every barrier sees as many arrivals as waits.
+  auto sched_wait = [&]() {
+    if constexpr (Traits::kPingpong) cutlass::arch::NamedBarrier::sync(256, 2 + c);
+  };
+  auto sched_pass = [&](bool last) {
+    if constexpr (Traits::kPingpong) {
+      if (!(last && c == kConsumers - 1)) cutlass::arch::NamedBarrier::arrive(256, 2 + (c + 1) % kConsumers);
+    }
+  };
+
+  if constexpr (Traits::kDoubleP) {
+    Tensor rP1 = make_tensor<Element>(acc_s.layout());
+    Tensor tOrP1 = make_tensor(rP1.data(), acc_as_a_layout(rP1.layout()));
+    auto convert_into = [&](auto parity) {
+      constexpr int kN = decltype(size(acc_s))::value;
+      Element* dst = decltype(parity)::value == 0 ? rP.data() : rP1.data();
+      cutlass::NumericArrayConverter<Element, float, kN> conv;
+      *reinterpret_cast<cutlass::Array<Element, kN>*>(dst) =
+          conv(*reinterpret_cast<const cutlass::Array<float, kN>*>(acc_s.data()));
+    };
+    auto issue_pv_from = [&](auto parity, int j) {
+      Tensor sVt = make_tensor(make_smem_ptr(sV_at(j % kStages)), typename Traits::SmemLayoutVt{});
+      Tensor tOrVt = thr_o.make_fragment_B(thr_o.partition_B(sVt));
+      warpgroup_fence_operand(acc_o);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+        if constexpr (decltype(parity)::value == 0) {
+          cute::gemm(mma_o, tOrP(_, _, kb), tOrVt(_, _, kb), acc_o);
+        } else {
+          cute::gemm(mma_o, tOrP1(_, _, kb), tOrVt(_, _, kb), acc_o);
+        }
+      }
+      warpgroup_commit_batch();
+    };
+    // Step j (P(j) in buffer j % 2, corr from the softmax of S(j), O += P(j - 1) V(j - 1) possibly running): retire
+    // it, hand slot j - 1 back, rescale O, queue S(j + 1) and O += P(j) V(j), then the softmax of S(j + 1) into the
+    // other buffer while the PV product runs.
+    auto step = [&](int j, auto parity) {
+      wait_full(j + 1);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_o);
+      if (j > 0) {
+        release(j - 1);
+        rescale_o();
+      }
+      issue_s(acc_s, j + 1);
+      issue_pv_from(parity, j);
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(acc_s);
+      softmax(acc_s, cute::false_type{});
+      convert_into(cute::Int<1 - decltype(parity)::value>{});
+    };
+    Barrier::wait(query_bar, 0);
+    wait_full(0);
+    issue_s(acc_s, 0);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_s);
+    softmax(acc_s, cute::true_type{});
+    convert_into(cute::Int<0>{});
+    int j = 0;
+    for (; j + 2 < n_blocks; j += 2) {
+      step(j, cute::Int<0>{});
+      step(j + 1, cute::Int<1>{});
+    }
+    if (j + 1 < n_blocks) step(j++, cute::Int<0>{});
+    // j = n_blocks - 1: the last PV product, from buffer j % 2
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_o);
+    if (j > 0) rescale_o();
+    if (j & 1) {
+      issue_pv_from(cute::Int<1>{}, j);
+    } else {
+      issue_pv_from(cute::Int<0>{}, j);
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_o);
+  } else {
+  Barrier::wait(query_bar, 0);
+  if constexpr (Traits::kPingpong) {
+    if (c == kConsumers - 1) cutlass::arch::NamedBarrier::arrive(256, 2);
+  }
+  wait_full(0);
+  sched_wait();
+  issue_s(acc_s, 0);
+  sched_pass(false);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc_s);
+  softmax(acc_s, cute::true_type{});
+  convert_p();  // O is still zero: no rescale
+
+  // Step j: S(j + 1) and O += P(j) V(j) queued back to back; the softmax of S(j + 1) runs during the PV product
+  // (see the uniform kernel). After both retire, slot j (K(j) and V(j)) goes back to the producer.
+  for (int j = 0; j + 1 < n_blocks; ++j) {
+    wait_full(j + 1);
+    sched_wait();
+    issue_s(acc_s, j + 1);
+    issue_pv(j);
+    sched_pass(false);
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(acc_s);
+    softmax(acc_s, cute::false_type{});
+    warpgroup_fence_operand(acc_s);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_o);
+    release(j);
+    rescale_o();
+    convert_p();
+  }
+  sched_wait();
+  issue_pv(n_blocks - 1);
+  sched_pass(true);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc_o);
+  }
+
+  // Epilogue: normalise, write out (4-byte stores: D is even) and lse, straight from the accumulators.
+  Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<_64, Int<kDv>>{}));
+  Tensor cO_rc = make_tensor(cO.data(), rowcol_layout(cO.layout()));
+  Element* out_base = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  float* lse_base = p.lse + (int64_t(b) * p.H + h) * N;
+  const int r0 = m0 + 64 * c;
+  constexpr float kLn2 = 0.69314718055994530942f;
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(O); ++mi) {
+    const float sum = dev::quad_sum(row_sum[mi]);
+    const float inv = 1.f / sum;
+    const int row = r0 + int(get<0>(cO_rc(mi, 0)));
+    if (row < N) {
+      Element* orow = out_base + int64_t(row) * p.out_row_stride;
+      CUTE_UNROLL
+      for (int nj = 0; nj < size<1>(O) / 2; ++nj) {
+        const int col = int(get<1>(cO_rc(mi, 2 * nj)));
+        if (col < D) dev::store_pair(orow + col, O(mi, 2 * nj) * inv, O(mi, 2 * nj + 1) * inv);
+      }
+      if (int(get<1>(cO_rc(mi, 0))) == 0) lse_base[row] = (row_max[mi] * scale_log2 + log2f(sum)) * kLn2;
+    }
+  }
+#else
+  __trap();  // compiled for another architecture: never launched there (the binding checks the device)
+#endif
+}
+
+template <class Traits>
+cudaError_t launch_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
+  const int64_t m_blocks = (int64_t(p.N) + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int64_t grid = m_blocks * p.B * p.H;
+  if (grid <= 0) return cudaSuccess;
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  auto kernel = p.qkv_vec16 ? &rfbias_fwd_ws_kernel<Traits, true> : &rfbias_fwd_ws_kernel<Traits, false>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// p.sm90_ws: 1 is the configuration of FwdWsConfig. Builds with RFSR_SM90WS_VARIANTS defined also carry, for the
+// SST-family buckets, the variants an A/B run compares in one build (the binding passes RFSR_SM90WS_VARIANT):
+//   2: 64-key tiles, 4 stages; 3: two consumer warpgroups (128 query rows, 40 producer registers);
+//   4: 64-key tiles at two CTAs per SM (registers moved to the consumers); 5: 1 with pingpong; 6 and 7: 1 with
+//   every 4th / 8th exponential of the unmasked tiles on the FMA pipe (dev::exp2_poly3); 8: two P buffers (kDoubleP)
+//   with 4 stages.
+template <typename Element, int kDqk, int kDv>
+cudaError_t run_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
+#ifdef RFSR_SM90WS_VARIANTS
+  if constexpr (kDqk <= 64 && kDv <= 32) {  // the SST-family buckets
+    switch (p.sm90_ws) {
+      case 2: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 64, 4, 1>>(p, stream);
+      case 3: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40>>(p, stream);
+      case 4: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 64, 3, 2, 40>>(p, stream);
+      case 5: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, true>>(p, stream);
+      case 6: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, false, 4>>(p, stream);
+      case 7: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, false, 8>>(p, stream);
+      case 8: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 4, 1, 96, false, 0, true>>(p, stream);
+      default: break;
+    }
+  }
+#endif
+  return launch_fwd_ws<typename FwdWsConfig<Element, kDqk, kDv>::Traits>(p, stream);
+}
+
+}  // namespace sm90
+}  // namespace rfsr
