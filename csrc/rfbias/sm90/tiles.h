@@ -104,6 +104,26 @@ struct SwizzledRowPlan {
       g += step;
     }
   }
+  // Rows [valid_rows, kRows) of the tile as zeros (zero-filling cp.async: nothing is read), for a slot that may hold
+  // another window's rows.
+  __device__ __forceinline__ void zero_tail(Element* dst, int valid_rows) const {
+    CUTE_UNROLL
+    for (int it = 0; it < kIts; ++it) {
+      const int r = row + it * kRowsPerIt;
+      if (r >= valid_rows && (kRows % kRowsPerIt == 0 || r < kRows)) {
+        CUTE_UNROLL
+        for (int u = 0; u < kUnits; ++u) {
+          if (col_ok[u]) {
+            if constexpr (kVec == 8) {
+              dev::cp_async_16(dst + s_off[u] + it * s_step, src, false);
+            } else {
+              dev::cp_async_4(dst + s_off[u] + it * s_step, src, false);
+            }
+          }
+        }
+      }
+    }
+  }
 };
 
 // Factor rows into columns [D, D + R) of a swizzled tile, 4-byte units (vec2) or 2-byte ones. A row's units are
@@ -178,6 +198,27 @@ struct SwizzledFactorPlan {
             uint16_t x = *reinterpret_cast<const uint16_t*>(src + k * src_k);
             if (mult != 1.0f) x = dev::Pack2<Element>::scale1(x, mult);
             *reinterpret_cast<uint16_t*>(dst + s_off[k] + row_off) = x;
+          }
+        }
+      }
+    }
+  }
+  // Rows [valid_rows, rows) of the factor columns as zeros: zero-filling cp.async (`any` is a readable address; nothing
+  // is read) with vec2, plain stores otherwise.
+  template <typename Element>
+  __device__ __forceinline__ void zero_tail(Element* dst, const Element* any, int valid_rows, int rows,
+                                            bool vec2) const {
+    if (!active) return;
+    const int first = row + max(0, (valid_rows - row + rows_per_it - 1) / rows_per_it) * rows_per_it;
+    int row_off = (first - row) / rows_per_it * s_step;
+    for (int r = first; r < rows; r += rows_per_it, row_off += s_step) {
+      CUTE_UNROLL
+      for (int k = 0; k < kMaxK; ++k) {  // constant indices keep s_off in registers
+        if (k < nk) {
+          if (vec2) {
+            dev::cp_async_4(dst + s_off[k] + row_off, any, false);
+          } else {
+            *reinterpret_cast<uint16_t*>(dst + s_off[k] + row_off) = uint16_t(0);
           }
         }
       }
