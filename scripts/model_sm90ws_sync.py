@@ -1,5 +1,5 @@
 """A model of the synchronisation protocol of the warp-specialised forward (csrc/rfbias/sm90/fwd_ws_kernel.h), run
-under many random interleavings: persistent CTAs walking several work items through one K/V ring and two query
+under many random interleavings: persistent CTAs walking several work items through one K/V ring and one or two query
 buffers, mbarrier phases and parity waits, cp.async.mbarrier.arrive.noinc arrivals that come when copies land (in any
 order), the second, plain arrival of fills with plain-store factor words, and the query tiles handed over either like
 a fill or, when they are scaled in place, by one plain arrival after the producer waited for its copies. It fails on
@@ -21,18 +21,18 @@ class MBar:
     def done(self, parity): return (self.ph & 1) != parity
 
 
-def run(items, n_blocks, S, C, sync_factors, scale_q, seed):
+def run(items, n_blocks, S, C, Q, sync_factors, scale_q, seed):
     rnd = random.Random(seed)
     fill_arrivals = 2 if sync_factors else 1
     full = [MBar(fill_arrivals) for _ in range(S)]
     empty = [MBar(C) for _ in range(S)]  # one arrival per consumer (per warp in the kernel)
-    qfull = [MBar(1 if scale_q else fill_arrivals) for _ in range(2)]
-    qempty = [MBar(C) for _ in range(2)]
+    qfull = [MBar(1 if scale_q else fill_arrivals) for _ in range(Q)]
+    qempty = [MBar(C) for _ in range(Q)]
     slot_tile = [None] * S      # (item, tile) whose copies have landed in the slot
-    qbuf = [None, None]         # item whose query tiles have landed in the buffer
+    qbuf = [None] * Q           # item whose query tiles have landed in the buffer
     inflight = []               # (kind, index, content, barrier): copies in flight; landing is the noinc arrival
     readers = {('s', i): set() for i in range(S)}
-    readers.update({('q', i): set() for i in range(2)})
+    readers.update({('q', i): set() for i in range(Q)})
 
     def land_some():
         if inflight and rnd.random() < 0.5:
@@ -48,8 +48,8 @@ def run(items, n_blocks, S, C, sync_factors, scale_q, seed):
             if sync_factors: bar.arrive()  # release arrive after the plain-store factor words
         t = 0
         for it in range(items):
-            qb = it & 1
-            if it >= 2: yield (lambda qb=qb, p=((it >> 1) - 1) & 1: qempty[qb].done(p))
+            qb = it % Q
+            if it >= Q: yield (lambda qb=qb, p=(it // Q - 1) & 1: qempty[qb].done(p))
             assert not readers[('q', qb)], f"producer writes query buffer {qb} while read"
             qbuf[qb] = None
             if scale_q:
@@ -70,8 +70,8 @@ def run(items, n_blocks, S, C, sync_factors, scale_q, seed):
     def consumer(c):
         t = 0
         for it in range(items):
-            qb = it & 1
-            yield (lambda qb=qb, p=(it >> 1) & 1: qfull[qb].done(p))
+            qb = it % Q
+            yield (lambda qb=qb, p=(it // Q) & 1: qfull[qb].done(p))
             assert qbuf[qb] == it, f"consumer {c} item {it}: query buffer {qb} holds {qbuf[qb]}"
             readers[('q', qb)].add(c)
             def use(j, tt):
@@ -103,7 +103,7 @@ def run(items, n_blocks, S, C, sync_factors, scale_q, seed):
         runnable = [k for k in agents if blocked[k] is None or blocked[k]()]
         if not runnable:
             if inflight: continue
-            raise RuntimeError(f"deadlock: items={items} n={n_blocks} S={S} C={C} sync={sync_factors} "
+            raise RuntimeError(f"deadlock: items={items} n={n_blocks} S={S} C={C} Q={Q} sync={sync_factors} "
                                f"scale={scale_q} blocked={list(agents)}")
         k = rnd.choice(runnable)
         try:
@@ -118,8 +118,9 @@ for items in [1, 2, 3, 5]:
     for n in [1, 2, 3, 4, 7]:
         for S in [2, 3, 4]:
             for C in [1, 2, 3]:
-                for sync_factors in [False, True]:
-                    for scale_q in [False, True]:
-                        for seed in range(40):
-                            run(items, n, S, C, sync_factors, scale_q, seed); cases += 1
+                for Q in [1, 2]:
+                    for sync_factors in [False, True]:
+                        for scale_q in [False, True]:
+                            for seed in range(30):
+                                run(items, n, S, C, Q, sync_factors, scale_q, seed); cases += 1
 print("ok", cases)

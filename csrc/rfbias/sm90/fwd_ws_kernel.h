@@ -93,10 +93,15 @@ struct FwdWsTraits {
   static constexpr int kBytesQ = align1k(64 * kDqk * int(sizeof(Element)));  // one consumer's query tile
   static constexpr int kBytesK = align1k(kBlockN * kDqk * int(sizeof(Element)));
   static constexpr int kBytesV = align1k(kBlockN * kDv * int(sizeof(Element)));
-  // Two query buffers (the producer stages the next work item's query tiles while the consumers finish the current one)
-  static constexpr int kBytesTiles = 2 * kConsumers * kBytesQ + kStages * (kBytesK + kBytesV);
+  // Two query buffers (the producer stages the next work item's query tiles while the consumers finish the current
+  // one) where they fit in the 227 KiB a CTA can have, one otherwise (the widest buckets).
+  static constexpr int kMaxSmem = 232448;
+  static constexpr int kBytesRing = kStages * (kBytesK + kBytesV);
   static constexpr int kBytesBarriers = (2 * kStages + 4) * 8;  // full[], empty[], query_full[2], query_empty[2]
+  static constexpr int kQBufs = 2 * kConsumers * kBytesQ + kBytesRing + kBytesBarriers + 1024 <= kMaxSmem ? 2 : 1;
+  static constexpr int kBytesTiles = kQBufs * kConsumers * kBytesQ + kBytesRing;
   static constexpr int kSmemBytes = kBytesTiles + kBytesBarriers + 1024;  // + alignment slack
+  static_assert(kSmemBytes <= kMaxSmem, "shared memory of one CTA");
 };
 
 // Tile choice per head-dim bucket. The SST-family buckets (Dqk <= 64, Dv <= 32) take three consumer warpgroups
@@ -125,7 +130,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   extern __shared__ uint8_t smem_dyn[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_dyn) + 1023) & ~uintptr_t(1023));
   uint8_t* sQ_base = smem;
-  uint8_t* sK_base = sQ_base + 2 * kConsumers * Traits::kBytesQ;
+  constexpr int kQBufs = Traits::kQBufs;
+  uint8_t* sK_base = sQ_base + kQBufs * kConsumers * Traits::kBytesQ;
   uint8_t* sV_base = sK_base + kStages * Traits::kBytesK;
   uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Traits::kBytesTiles);
   uint64_t* empty_bar = full_bar + kStages;
@@ -168,7 +174,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       Barrier::init(&full_bar[s], fill_arrivals);
       Barrier::init(&empty_bar[s], 4 * kConsumers);  // one arrival per consumer warp
     }
-    for (int qb = 0; qb < 2; ++qb) {
+    for (int qb = 0; qb < kQBufs; ++qb) {
       Barrier::init(&qfull_bar[qb], scale_q ? 128 : fill_arrivals);
       Barrier::init(&qempty_bar[qb], 4 * kConsumers);
     }
@@ -212,7 +218,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     int it = 0;
     for (int64_t w = blockIdx.x; w < items; w += gridDim.x, ++it) {
       const Item item = item_at(w);
-      const int qb = it & 1;
+      const int qb = it % kQBufs;
       const int64_t kv_shift = int64_t(item.b) * p.k_batch_stride + int64_t(item.h) * p.k_head_stride;
       const int64_t v_shift = int64_t(item.b) * p.v_batch_stride + int64_t(item.h) * p.v_head_stride;
       const int64_t q_shift = int64_t(item.b) * p.q_batch_stride + int64_t(item.h) * p.q_head_stride;
@@ -221,8 +227,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       const Element* bk_base = static_cast<const Element*>(p.bias_k) + item.b * p.bk_batch_stride +
                                item.h * p.bk_head_stride;
 
-      // Query tiles into buffer qb, once the consumers have finished the item that used it two items ago.
-      if (it >= 2) Barrier::wait(&qempty_bar[qb], ((it >> 1) - 1) & 1);
+      // Query tiles into buffer qb, once the consumers have finished the item that used it before.
+      if (it >= kQBufs) Barrier::wait(&qempty_bar[qb], (it / kQBufs - 1) & 1);
       for (int c = 0; c < kConsumers; ++c) {
         const int r0 = item.m0 + 64 * c;
         const int valid = max(0, min(64, N - r0));
@@ -269,8 +275,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
         plan_bk.copy(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride, valid, p.bias_vec2,
                      1.0f);
         if (valid < kBlockN) {  // rows past N: zeros, not another window's keys
-          plan_k.zero_tail(sK_at(slot), valid);
-          plan_v.zero_tail(sV_at(slot), valid);
+          plan_k.zero_tail(sK_at(slot), valid, k0);
+          plan_v.zero_tail(sV_at(slot), valid, v0);
           plan_bk.zero_tail(sK_at(slot), bk_base, valid, kBlockN, p.bias_vec2);
         }
         arrive_fill(&full_bar[slot]);
@@ -360,7 +366,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   int it = 0;
   for (int64_t w = blockIdx.x; w < items; w += gridDim.x, ++it) {
     const Item item = item_at(w);
-    const int qb = it & 1;
+    const int qb = it % kQBufs;
     Tensor sQ = make_tensor(make_smem_ptr(sQ_at(qb, c)), typename Traits::SmemLayoutQ{});
     Tensor tSrQ = thr_s.make_fragment_A(thr_s.partition_A(sQ));
     auto issue_s = [&](auto& acc, int tt) {
@@ -383,7 +389,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       row_sum[i] = 0.f;
     }
 
-    Barrier::wait(&qfull_bar[qb], (it >> 1) & 1);
+    Barrier::wait(&qfull_bar[qb], (it / kQBufs) & 1);
     wait_full(t);
     issue_s(acc_s, t);
     warpgroup_wait<0>();

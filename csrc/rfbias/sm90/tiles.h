@@ -104,9 +104,9 @@ struct SwizzledRowPlan {
       g += step;
     }
   }
-  // Rows [valid_rows, kRows) of the tile as zeros (zero-filling cp.async: nothing is read), for a slot that may hold
-  // another window's rows.
-  __device__ __forceinline__ void zero_tail(Element* dst, int valid_rows) const {
+  // Rows [valid_rows, kRows) of the tile as zeros (zero-filling cp.async: nothing is read from `any`, a readable
+  // address), for a slot that may hold another window's rows.
+  __device__ __forceinline__ void zero_tail(Element* dst, int valid_rows, const Element* any) const {
     CUTE_UNROLL
     for (int it = 0; it < kIts; ++it) {
       const int r = row + it * kRowsPerIt;
@@ -115,9 +115,9 @@ struct SwizzledRowPlan {
         for (int u = 0; u < kUnits; ++u) {
           if (col_ok[u]) {
             if constexpr (kVec == 8) {
-              dev::cp_async_16(dst + s_off[u] + it * s_step, src, false);
+              dev::cp_async_16(dst + s_off[u] + it * s_step, any, false);
             } else {
-              dev::cp_async_4(dst + s_off[u] + it * s_step, src, false);
+              dev::cp_async_4(dst + s_off[u] + it * s_step, any, false);
             }
           }
         }
