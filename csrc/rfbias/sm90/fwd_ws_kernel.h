@@ -251,6 +251,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       load_kv(j);
       arrive_fill(&full_bar[slot]);
     }
+    dev::cp_async_commit();   // the steady-state fills were never committed: wait_group waits only committed groups
     dev::cp_async_wait<0>();  // nothing in flight when the producer warps exit
     return;
   }
