@@ -282,6 +282,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
         arrive_fill(&full_bar[slot]);
       }
     }
+    // Commit every group this thread has issued (the key-tile fills of every item, and the query copies of an item
+    // without scaling, are never committed inside the loop): wait_group waits only committed groups.
     dev::cp_async_commit();
     dev::cp_async_wait<0>();  // nothing in flight when the producer warps exit
     return;
@@ -360,7 +362,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   };
   Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<_64, Int<kDv>>{}));
   Tensor cO_rc = make_tensor(cO.data(), rowcol_layout(cO.layout()));
-  constexpr float kLn2 = 0.69314718055994530942f;
 
   int t = 0;  // key tiles consumed, in the producer's order
   int it = 0;
@@ -422,24 +423,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
 
     // Epilogue: normalise, write out (4-byte stores: D is even) and lse, straight from the accumulators.
     Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
-    Element* out_base = static_cast<Element*>(p.out) + item.b * p.out_batch_stride + item.h * p.out_head_stride;
-    float* lse_base = p.lse + (int64_t(item.b) * p.H + item.h) * N;
-    const int r0 = item.m0 + 64 * c;
-    CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(O); ++mi) {
-      const float sum = dev::quad_sum(row_sum[mi]);
-      const float inv = 1.f / sum;
-      const int row = r0 + int(get<0>(cO_rc(mi, 0)));
-      if (row < N) {
-        Element* orow = out_base + int64_t(row) * p.out_row_stride;
-        CUTE_UNROLL
-        for (int nj = 0; nj < size<1>(O) / 2; ++nj) {
-          const int col = int(get<1>(cO_rc(mi, 2 * nj)));
-          if (col < D) dev::store_pair(orow + col, O(mi, 2 * nj) * inv, O(mi, 2 * nj + 1) * inv);
-        }
-        if (int(get<1>(cO_rc(mi, 0))) == 0) lse_base[row] = (row_max[mi] * scale_log2 + log2f(sum)) * kLn2;
-      }
-    }
+    dev::store_out_lse(O, cO_rc, row_max, row_sum, item.m0 + 64 * c, N, D,
+                       static_cast<Element*>(p.out) + item.b * p.out_batch_stride + item.h * p.out_head_stride,
+                       p.out_row_stride, p.lse + (int64_t(item.b) * p.H + item.h) * N, scale_log2);
   }
 #else
   __trap();  // compiled for another architecture: never launched there (the binding checks the device)
