@@ -199,9 +199,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     // Plans from (b, h) = (0, 0); an item's rows are reached by a shift of the source.
     const SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_k(tidx, sK0, k0, p.k_row_stride, D);
     const SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_v(tidx, sV0, v0, p.v_row_stride, D);
-    const SwizzledRowPlan<128, 64, kDv, kVec, Element> plan_q(tidx, sQ0, q0, p.q_row_stride, D);
     const SwizzledFactorPlan<128> plan_bk(tidx, D, R, p.bias_vec2, sK0);
-    const SwizzledFactorPlan<128> plan_bq(tidx, D, R, p.bias_vec2, sQ0);
 
     // This thread's arrivals for a fill of `bar`: one when the copies it issued have landed (noinc: that completion
     // is the arrival; the incrementing form plus a plain arrive is equivalent but compute-sanitizer's synccheck
@@ -229,12 +227,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
 
       // Query tiles into buffer qb, once the consumers have finished the item that used it before.
       if (it >= kQBufs) Barrier::wait(&qempty_bar[qb], (it / kQBufs - 1) & 1);
-      for (int c = 0; c < kConsumers; ++c) {
-        const int r0 = item.m0 + 64 * c;
-        const int valid = max(0, min(64, N - r0));
-        plan_q.copy(sQ_at(qb, c), r0, valid, q_shift);
-        plan_bq.copy(sQ_at(qb, c), bq_base + int64_t(r0) * p.bq_row_stride, p.bq_row_stride, valid, p.bias_vec2,
-                     p.bq_mult);
+      {  // the query plans are rebuilt per item: kept live, they crowd the key-tile loop's registers (80 a thread)
+        const SwizzledRowPlan<128, 64, kDv, kVec, Element> plan_q(tidx, sQ0, q0, p.q_row_stride, D);
+        const SwizzledFactorPlan<128> plan_bq(tidx, D, R, p.bias_vec2, sQ0);
+        for (int c = 0; c < kConsumers; ++c) {
+          const int r0 = item.m0 + 64 * c;
+          const int valid = max(0, min(64, N - r0));
+          plan_q.copy(sQ_at(qb, c), r0, valid, q_shift);
+          plan_bq.copy<64>(sQ_at(qb, c), bq_base + int64_t(r0) * p.bq_row_stride, p.bq_row_stride, valid,
+                           p.bias_vec2, p.bq_mult);
+        }
       }
       if (!scale_q) {
         arrive_fill(&qfull_bar[qb]);
@@ -272,8 +274,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
         const int valid = min(kBlockN, N - n0);
         plan_k.copy(sK_at(slot), n0, valid, kv_shift);
         plan_v.copy(sV_at(slot), n0, valid, v_shift);
-        plan_bk.copy(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride, valid, p.bias_vec2,
-                     1.0f);
+        plan_bk.copy<kBlockN>(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride, valid,
+                              p.bias_vec2, 1.0f);
         if (valid < kBlockN) {  // rows past N: zeros, not another window's keys
           plan_k.zero_tail(sK_at(slot), valid, k0);
           plan_v.zero_tail(sV_at(slot), valid, v0);
