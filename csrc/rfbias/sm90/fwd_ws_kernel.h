@@ -38,6 +38,13 @@
 #define RFSR_SM90WS_PRODUCER_REGS 40
 #endif
 
+#ifndef RFSR_SM90WS_NARROW_PRODUCER_REGS
+#define RFSR_SM90WS_NARROW_PRODUCER_REGS 80
+#endif
+#ifndef RFSR_SM90WS_PIN_PLANS
+#define RFSR_SM90WS_PIN_PLANS 1
+#endif
+
 namespace rfsr {
 namespace sm90 {
 
@@ -112,7 +119,7 @@ template <typename Element, int kDqk, int kDv>
 struct FwdWsConfig {
   static constexpr bool kNarrow = kDqk <= 64 && kDv <= 32;
   static constexpr bool kWide = kDqk + kDv > 160;  // 128-key S tiles and a wide O would not fit the registers
-  using Traits = FwdWsTraits<Element, kDqk, kDv, kNarrow ? 3 : 2, kWide ? 64 : 128, 3, 1, kNarrow ? 80 : 40>;
+  using Traits = FwdWsTraits<Element, kDqk, kDv, kNarrow ? 3 : 2, kWide ? 64 : 128, 3, 1, kNarrow ? RFSR_SM90WS_NARROW_PRODUCER_REGS : 40>;
 };
 
 template <class Traits, bool kVec16>
@@ -197,9 +204,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     Tensor sV0 = make_tensor(sVt0.data(), select<1, 0>(sVt0.layout()));  // (key, d) view of V^T
     Tensor sQ0 = make_tensor(make_smem_ptr(sQ_at(0, 0)), typename Traits::SmemLayoutQ{});
     // Plans from (b, h) = (0, 0); an item's rows are reached by a shift of the source.
-    const SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_k(tidx, sK0, k0, p.k_row_stride, D);
-    const SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_v(tidx, sV0, v0, p.v_row_stride, D);
-    const SwizzledFactorPlan<128> plan_bk(tidx, D, R, p.bias_vec2, sK0);
+    SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_k(tidx, sK0, k0, p.k_row_stride, D);
+    SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_v(tidx, sV0, v0, p.v_row_stride, D);
+    SwizzledFactorPlan<128> plan_bk(tidx, D, R, p.bias_vec2, sK0);
+#if RFSR_SM90WS_PIN_PLANS
+    plan_k.pin();
+    plan_v.pin();
+    plan_bk.pin();
+#endif
 
     // This thread's arrivals for a fill of `bar`: one when the copies it issued have landed (noinc: that completion
     // is the arrival; the incrementing form plus a plain arrive is equivalent but compute-sanitizer's synccheck

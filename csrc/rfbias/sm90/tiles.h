@@ -72,6 +72,13 @@ struct SwizzledRowPlan {
     }
     s_step = kIts > 1 ? int(&s(row + kRowsPerIt, col0) - base) - s_off[0] : 0;
   }
+  // Makes the per-thread offsets opaque to the compiler, so that a loop over many tiles keeps them in registers
+  // rather than recomputing the swizzle for every copy.
+  __device__ __forceinline__ void pin() {
+    CUTE_UNROLL
+    for (int u = 0; u < kUnits; ++u) asm volatile("" : "+r"(s_off[u]));
+    asm volatile("" : "+r"(s_step));
+  }
   // Copies columns [0, D) of rows [r0, r0 + valid_rows) of the head into the tile at `dst`; `shift` (elements)
   // moves the source, e.g. to another window of the same head. Full tiles (all but a window's last) take a version
   // without per-row tests.
@@ -160,6 +167,11 @@ struct SwizzledFactorPlan {
   // than the copies); the vec2 test and the units per thread (kK, a template argument: only the last copy of a row is
   // predicated) are outside it. A loop over kMaxK predicated copies cost ~55 instructions a row at R = 34 with one
   // warpgroup copying, and made that rank twice as slow as R = 32 in the warp-specialised forward.
+  __device__ __forceinline__ void pin() {  // as SwizzledRowPlan::pin
+    CUTE_UNROLL
+    for (int k = 0; k < kMaxK; ++k) asm volatile("" : "+r"(s_off[k]));
+    asm volatile("" : "+r"(s_step));
+  }
   // kTileRows (the tile's rows, 0: unknown) enables the unrolled copy of full tiles below.
   template <int kTileRows = 0, typename Element>
   __device__ __forceinline__ void copy(Element* dst, const Element* g, int64_t row_stride, int valid_rows, bool vec2,
