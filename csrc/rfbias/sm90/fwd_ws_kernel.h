@@ -150,12 +150,25 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   const int m0 = m_block * kBlockM;
   const int n_blocks = (N + kBlockN - 1) / kBlockN;
 
+  // Rows of 4-byte words (D % 8 != 0, so D < kDv): the first pad column of every V slot holds ones, and the PV
+  // product accumulates the softmax row sums in O's column D (from the same bf16 P as the output, with the same
+  // rescaling), which takes the row-sum additions out of the softmax. The launcher never pairs !kVec16 with D = kDv.
+  constexpr bool kSumInO = !kVec16;
+
   // 1. Clear the tiles (pad columns, and rows past N of the first, partial key tile and of the query tiles, stay zero:
-  //    the partial tile is the first one written to its slot) and set up the barriers.
+  //    the partial tile is the first one written to its slot), set the ones column, and set up the barriers.
   {
     uint4* z = reinterpret_cast<uint4*>(smem);
     for (int i = threadIdx.x; i < Traits::kBytesTiles / 16; i += Traits::kNThreads) z[i] = make_uint4(0, 0, 0, 0);
   }
+  if constexpr (kSumInO) {
+    __syncthreads();  // the clear of those words comes first
+    for (int i = threadIdx.x; i < kStages * kBlockN; i += Traits::kNThreads) {
+      Tensor sVt = make_tensor(make_smem_ptr(sV_at(i / kBlockN)), typename Traits::SmemLayoutVt{});
+      sVt(D, i % kBlockN) = Element(1.0f);
+    }
+  }
+  cutlass::arch::fence_view_async_shared();  // the cleared tiles and the ones column are read by wgmma
   // Factor words written by plain stores (odd rank or unaligned factor rows): each producer thread then arrives twice
   // per fill, once when its cp.async copies land and once (release) after its stores. The query tile is scaled in
   // place when a multiplier is not 1 (the usual case: bq_mult = 1 / scale) and then handed over by one plain arrive.
@@ -329,8 +342,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       const float mx = fmaxf(row_max[mi], dev::quad_max(dev::row_max(S, mi)));
       corr[mi] = exp2f((row_max[mi] - mx) * scale_log2);  // exp2(-inf) = 0 on the first tile
       row_max[mi] = mx;
-      row_sum[mi] = row_sum[mi] * corr[mi] +
-                    dev::row_exp2_sum<kFirst ? 0 : Traits::kSoftExp>(S, mi, scale_log2, mx * scale_log2);
+      if constexpr (kSumInO) {
+        dev::row_exp2(S, mi, scale_log2, mx * scale_log2);
+      } else {
+        row_sum[mi] = row_sum[mi] * corr[mi] +
+                      dev::row_exp2_sum<kFirst ? 0 : Traits::kSoftExp>(S, mi, scale_log2, mx * scale_log2);
+      }
     }
   };
   Tensor acc_s = partition_fragment_C(mma_s, Shape<_64, Int<kBlockN>>{});
@@ -342,7 +359,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     *reinterpret_cast<cutlass::Array<Element, kN>*>(rP.data()) =
         conv(*reinterpret_cast<const cutlass::Array<float, kN>*>(acc_s.data()));
   };
+  // Skipped when no row max of the warp grew (every corr is 1), as for most tiles after the first few.
   auto rescale_o = [&]() {
+    bool grew = false;
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) grew |= corr[mi] != 1.f;
+    if (!__any_sync(0xffffffffu, grew)) return;
     Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
@@ -490,7 +512,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   constexpr float kLn2 = 0.69314718055994530942f;
   CUTE_UNROLL
   for (int mi = 0; mi < size<0>(O); ++mi) {
-    const float sum = dev::quad_sum(row_sum[mi]);
+    float own = row_sum[mi];
+    if constexpr (kSumInO) {  // column D of O, held by one thread of the quad
+      own = 0.f;
+      CUTE_UNROLL
+      for (int di = 0; di < size<1>(O); ++di) {
+        if (int(get<1>(cO_rc(mi, di))) == D) own = O(mi, di);
+      }
+    }
+    const float sum = dev::quad_sum(own);
     const float inv = 1.f / sum;
     const int row = r0 + int(get<0>(cO_rc(mi, 0)));
     if (row < N) {
@@ -525,10 +555,14 @@ cudaError_t launch_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
 // SST-family buckets, the variants an A/B run compares in one build (the binding passes RFSR_SM90WS_VARIANT):
 //   2: 64-key tiles, 4 stages; 3: two consumer warpgroups (128 query rows, 40 producer registers);
 //   4: 64-key tiles at two CTAs per SM (registers moved to the consumers); 5: 1 with pingpong; 6 and 7: 1 with
-//   every 4th / 8th exponential of the unmasked tiles on the FMA pipe (dev::exp2_poly3); 8: two P buffers (kDoubleP)
+//   every 4th / 8th exponential of the unmasked tiles on the FMA pipe (dev::exp2_poly3; only where the softmax sums
+//   the rows itself, i.e. D % 8 == 0); 8: two P buffers (kDoubleP)
 //   with 4 stages.
 template <typename Element, int kDqk, int kDv>
 cudaError_t run_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
+  // The 4-byte-word kernel keeps the row sums in V's first pad column; D = kDv rows that are not 16-byte aligned
+  // (views at odd offsets) have none and take the uniform kernel.
+  if (!p.qkv_vec16 && p.D >= kDv) return run_fwd_uniform<Element, kDqk, kDv>(p, stream);
 #ifdef RFSR_SM90WS_VARIANTS
   if constexpr (kDqk <= 64 && kDv <= 32) {  // the SST-family buckets
     switch (p.sm90_ws) {
