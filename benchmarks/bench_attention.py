@@ -5,8 +5,7 @@ One GPU, one process, bf16, 2^20 tokens per call, SST-family shapes. Methods:
                 (mma.sync) kernels, except large windows (N >= 2048) of the Dqk <= 64, Dv <= 32 buckets on 9.x devices
                 (the warp-specialised wgmma kernel)
   rfsr_sm80     the same op forced onto the sm80 kernels (RFSR_FWD_PATH=sm80)
-  rfsr_sm90     the same op forced onto the uniform wgmma forward kernel (RFSR_FWD_PATH=sm90; 9.x devices only)
-  rfsr_sm90ws   the warp-specialised wgmma forward kernel (RFSR_FWD_PATH=sm90ws; 9.x devices only)
+  rfsr_sm90     the same op forced onto the warp-specialised wgmma forward kernel (RFSR_FWD_PATH=sm90; 9.x devices)
   concat_flash  [q*s | Bq], [k | Bk], [v | 0] concatenated in memory, SDPA flash backend, output sliced
   concat_cudnn  the same through SDPA's cuDNN backend
   flex_rpb      FlexAttention with a relative-position-bias score_mod (the bias a low-rank factor replaces)
@@ -42,8 +41,8 @@ CASES = [
     ("sst_w64", 30, 34, 6, 64),
     ("xl_w96", 32, 32, 7, 96),
 ]
-RFSR_METHODS = ("rfsr", "rfsr_sm80", "rfsr_sm90", "rfsr_sm90ws")
-METHODS = ["rfsr", "rfsr_sm80", "rfsr_sm90", "rfsr_sm90ws", "concat_flash", "concat_cudnn", "flex_rpb", "nobias_flash"]
+RFSR_METHODS = ("rfsr", "rfsr_sm80", "rfsr_sm90")
+METHODS = ["rfsr", "rfsr_sm80", "rfsr_sm90", "concat_flash", "concat_cudnn", "flex_rpb", "nobias_flash"]
 
 
 # --- timing ---------------------------------------------------------------------------------------------------
@@ -164,9 +163,9 @@ def flex_fn():
 
 
 def on_path(meth, fn):
-    """fn run with the kernel path of an rfsr method: rfsr_sm80 / rfsr_sm90 / rfsr_sm90ws set RFSR_FWD_PATH around
+    """fn run with the kernel path of an rfsr method: rfsr_sm80 / rfsr_sm90 set RFSR_FWD_PATH around
     the call."""
-    if meth not in ("rfsr_sm80", "rfsr_sm90", "rfsr_sm90ws"):
+    if meth not in ("rfsr_sm80", "rfsr_sm90"):
         return fn
 
     def run(*args):

@@ -1,8 +1,8 @@
 """Forward ms of the fused op's kernel paths over SR attention shapes and window sizes (2^20 tokens a call, bf16).
 
 For each (D, R, heads) of the SST family and each window size, the forward with RFSR_FWD_PATH=sm80 (mma.sync), =sm90
-(wgmma, 9.x devices with the sm90 kernels built), =sm90ws (the warp-specialised wgmma kernel; sm90ws:K picks tile
-variant K of a build with -DRFSR_SM90WS_VARIANTS) and unset (the binding's own choice). This is the measurement the
+(the warp-specialised wgmma kernel, 9.x devices with the sm90 kernels built; sm90:K picks tile variant K of a build
+with -DRFSR_SM90WS_VARIANTS) and unset (the binding's own choice). This is the measurement the
 binding's path choice rests on (csrc/rfbias_cuda.cpp), and the quick A/B of a kernel build variant:
 
     python benchmarks/bench_fwd_paths.py [--out FILE.json] [--windows 16,32,64] [--paths sm80,sm90,default] [--tag NAME]
@@ -47,7 +47,7 @@ def bench_ms(fn) -> float:
 
 
 def run_path(path: str, fn):
-    """Median ms of fn on `path`: default (unset), sm80, sm90, sm90ws, or sm90ws:K (tile variant K of a build with
+    """Median ms of fn on `path`: default (unset), sm80, sm90, or sm90:K (tile variant K of a build with
     RFSR_SM90WS_VARIANTS, see csrc/rfbias/sm90/fwd_ws_kernel.h)."""
     keys = ("RFSR_FWD_PATH", "RFSR_SM90WS_VARIANT")
     old = {k: os.environ.get(k) for k in keys}

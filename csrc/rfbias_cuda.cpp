@@ -53,18 +53,15 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   // Kernel path. The sm80 (mma.sync) kernels run everywhere. On 9.x devices the warp-specialised wgmma kernel
   // (sm90/fwd_ws_kernel.h) takes the large windows (N >= kSm90MinN) of the narrow buckets (Dqk <= 64, Dv <= 32),
   // where it measured faster (benchmarks/results/fwd-ws-h200-2026-11-27.md); elsewhere sm80 stays the default.
-  // RFSR_FWD_PATH=sm80|sm90|sm90ws forces a path (sm90: the uniform wgmma kernel; sm90ws: the warp-specialised
-  // one): a request that cannot be met is an error rather than a silent fallback.
+  // RFSR_FWD_PATH=sm80|sm90 forces a path: a request that cannot be met is an error rather than a silent fallback.
   const char* path_env = std::getenv("RFSR_FWD_PATH");
-  const std::string path_arg = path_env != nullptr ? std::string(path_env) : std::string();
-  TORCH_CHECK_VALUE(path_arg.empty() || path_arg == "sm80" || path_arg == "sm90" || path_arg == "sm90ws",
-                    "RFSR_FWD_PATH must be sm80, sm90 or sm90ws (or unset), got '", path_arg, "'");
-  bool sm90_ws = path_arg == "sm90ws";
-  const std::string path = sm90_ws ? std::string("sm90") : path_arg;
+  const std::string path = path_env != nullptr ? std::string(path_env) : std::string();
+  TORCH_CHECK_VALUE(path.empty() || path == "sm80" || path == "sm90",
+                    "RFSR_FWD_PATH must be sm80 or sm90 (or unset), got '", path, "'");
   const RfbiasFwdKernel* kernel = pick_kernel(table, count, dtype, s.D, s.R, arch, path == "sm90" ? 90 : 80);
   TORCH_CHECK_VALUE(kernel != nullptr, "flash_rfbias: no CUDA kernel compiled for dtype ", dtype_str(q_in), ", D=", num(s.D), ", R=",
                     num(s.R), " (this build selected a subset with RFSR_KERNELS; rebuild with RFSR_KERNELS unset)");
-  TORCH_CHECK_VALUE(path != "sm90" || kernel->min_arch == 90, "RFSR_FWD_PATH=", path_arg, ": no wgmma kernel for dtype ",
+  TORCH_CHECK_VALUE(path != "sm90" || kernel->min_arch == 90, "RFSR_FWD_PATH=sm90: no wgmma kernel for dtype ",
                     dtype_str(q_in), ", D=", num(s.D), ", R=", num(s.R), " on device ", dev_str(q_in), " (", prop->name,
                     "): it needs compute capability 9.x and a build that includes the sm90 kernels");
   constexpr int64_t kSm90MinN = 2048;
@@ -73,7 +70,6 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
     if (wgmma != nullptr && wgmma->min_arch == 90 && wgmma->dqk == kernel->dqk && wgmma->dv == kernel->dv &&
         wgmma->dqk <= 64 && wgmma->dv <= 32) {
       kernel = wgmma;
-      sm90_ws = true;
     }
   }
 
@@ -99,9 +95,9 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   rfbias_fold_scale(scale, p.q_mult, p.bq_mult, p.scale_log2);
   p.qkv_vec16 = s.D % 8 == 0 && is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16);
   p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_q, 4) && is_aligned(bias_k, 4);
-  if (sm90_ws) {  // RFSR_SM90WS_VARIANT picks a tile variant of experiment builds (sm90/fwd_ws_kernel.h)
-    const char* variant = path_arg == "sm90ws" ? std::getenv("RFSR_SM90WS_VARIANT") : nullptr;
-    p.sm90_ws = variant != nullptr ? std::max(1, std::atoi(variant)) : 1;
+  if (path == "sm90") {  // RFSR_SM90WS_VARIANT picks a tile variant of experiment builds (sm90/fwd_ws_kernel.h)
+    const char* variant = std::getenv("RFSR_SM90WS_VARIANT");
+    p.sm90_variant = variant != nullptr ? std::max(1, std::atoi(variant)) : 1;
   }
 
   const cudaError_t err = kernel->run(p, at::cuda::getCurrentCUDAStream());

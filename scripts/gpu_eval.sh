@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evaluation of the kernels under test on a 9.x GPU: the warp-specialised wgmma forward (sm90/fwd_ws_kernel.h,
-# RFSR_FWD_PATH=sm90ws, with its tile variants) and the wgmma backward (sm90/bwd_kernel.h, RFSR_BWD_PATH=sm90).
+# RFSR_FWD_PATH=sm90, with its tile variants) and the wgmma backward (sm90/bwd_kernel.h, RFSR_BWD_PATH=sm90).
 # Results go to $1. Stages (STAGES, comma-separated, default all): build, smoke, tests, sanitize, bench. A stage
 # list without build reuses the in-place build of an earlier call (a warm machine keeps it).
 #
@@ -8,7 +8,7 @@
 #   STAGES=build,smoke,tests scripts/gpu_eval.sh OUT_A            # then, on the same machine:
 #   STAGES=sanitize,bench scripts/gpu_eval.sh OUT_B
 # Knobs: as scripts/gpu_check.sh (RFSR_CUDA_ARCHS, RFSR_KERNELS, RFSR_CUTLASS_INCLUDE, MAX_JOBS), plus
-# AB_WINDOWS (default 16,32,64,96) and AB_PATHS (default sm80,sm90,sm90ws,sm90ws:2,...,sm90ws:8).
+# AB_WINDOWS (default 16,32,64,96) and AB_PATHS (default sm80,sm90,sm90:2,...,sm90:8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-./gpu_eval_out}
@@ -41,7 +41,7 @@ def inputs(B, N, H, D, R, dt):
     bq, bk = ((torch.randn(H, N, R, device="cuda", generator=g) * 0.3).to(dt) for _ in range(2))
     return q, k, v, bq, bk, do
 def rel(a, b): return ((a.double() - b).norm() / b.norm().clamp_min(1e-6)).item()
-os.environ["RFSR_FWD_PATH"] = "sm90ws"
+os.environ["RFSR_FWD_PATH"] = "sm90"
 for variant in range(1, 9):
     os.environ["RFSR_SM90WS_VARIANT"] = str(variant)
     for B, N, H, D, R, dt in SHAPES:
@@ -49,7 +49,7 @@ for variant in range(1, 9):
         out, lse = torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq, bk, D ** -0.5)
         torch.cuda.synchronize()
         err = rel(out, flash_rfbias_reference(*(t.double() for t in (q, k, v, bq, bk)), D ** -0.5))
-        print(f"fwd sm90ws:{variant} B={B} N={N} D={D} R={R} {dt}: rel err {err:.2e}", flush=True)
+        print(f"fwd sm90:{variant} B={B} N={N} D={D} R={R} {dt}: rel err {err:.2e}", flush=True)
         assert err < 1e-2, err
 del os.environ["RFSR_FWD_PATH"], os.environ["RFSR_SM90WS_VARIANT"]
 for path in ("sm80", "sm90"):
@@ -73,11 +73,11 @@ PYEOF
 fi
 
 if want tests; then
-  $PY -X faulthandler -m pytest tests/test_flash_rfbias_cuda.py -q -rfE -k sm90ws -p no:cacheprovider \
-      --junitxml="$OUT_DIR/pytest-fwd-sm90ws.xml" > "$OUT_DIR/pytest-fwd-sm90ws.log" 2>&1
+  $PY -X faulthandler -m pytest tests/test_flash_rfbias_cuda.py -q -rfE -k sm90 -p no:cacheprovider \
+      --junitxml="$OUT_DIR/pytest-fwd-sm90.xml" > "$OUT_DIR/pytest-fwd-sm90.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && status=$rc
-  echo "tests fwd (sm90ws): rc=$rc  $(tail -1 "$OUT_DIR/pytest-fwd-sm90ws.log")"
-  grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest-fwd-sm90ws.log" | head -20
+  echo "tests fwd (sm90): rc=$rc  $(tail -1 "$OUT_DIR/pytest-fwd-sm90.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest-fwd-sm90.log" | head -20
   $PY -X faulthandler -m pytest tests/test_flash_rfbias_cuda_bwd.py -q -rfE -p no:cacheprovider \
       --junitxml="$OUT_DIR/pytest-bwd.xml" > "$OUT_DIR/pytest-bwd.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && status=$rc
@@ -97,13 +97,13 @@ fi
 
 if want bench; then
   $PY benchmarks/bench_fwd_paths.py --out "$OUT_DIR/fwd_paths.json" --windows "${AB_WINDOWS:-16,32,64,96}" \
-      --paths "${AB_PATHS:-sm80,sm90,sm90ws,sm90ws:2,sm90ws:3,sm90ws:4,sm90ws:5,sm90ws:6,sm90ws:7,sm90ws:8}" \
+      --paths "${AB_PATHS:-sm80,sm90,sm90:2,sm90:3,sm90:4,sm90:5,sm90:6,sm90:7,sm90:8}" \
       --tag gpu-eval > "$OUT_DIR/fwd_paths.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && status=$rc
   echo "bench_fwd_paths: rc=$rc"; cat "$OUT_DIR/fwd_paths.log"
   for bwd in sm80 sm90; do  # forward + backward of the fused op on each backward path
     mkdir -p "$OUT_DIR/attention-bwd-$bwd"
-    RFSR_BWD_PATH=$bwd $PY benchmarks/bench_attention.py --methods rfsr,rfsr_sm90ws --out "$OUT_DIR/attention-bwd-$bwd" \
+    RFSR_BWD_PATH=$bwd $PY benchmarks/bench_attention.py --methods rfsr,rfsr_sm80,rfsr_sm90 --out "$OUT_DIR/attention-bwd-$bwd" \
         > "$OUT_DIR/attention-bwd-$bwd.log" 2>&1
     rc=$?; [ $rc -ne 0 ] && status=$rc
     echo "bench_attention (RFSR_BWD_PATH=$bwd): rc=$rc"; tail -14 "$OUT_DIR/attention-bwd-$bwd.log"

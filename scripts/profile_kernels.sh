@@ -31,7 +31,7 @@ profile() {  # name, kernel regex, launches to skip, launches to profile, worklo
 
 if [ -n "${PROFILES:-}" ]; then
   # PROFILES: space-separated NAME:FWD_PATH[:VARIANT]:D,R,H entries, forward only, e.g.
-  #   PROFILES="ws3_d30:sm90ws:3:30,34,6 sm90_d32:sm90::32,32,7"
+  #   PROFILES="ws2_d30:sm90:3:30,34,6 sm90_d32:sm90::32,32,7"   (variant 3 needs an experiment build)
   for spec in $PROFILES; do
     IFS=: read -r name path variant shape <<< "$spec"
     RFSR_FWD_PATH=$path RFSR_SM90WS_VARIANT=$variant profile "$name" rfbias_fwd 1 1 fwd --shape "$shape"

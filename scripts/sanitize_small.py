@@ -53,7 +53,7 @@ def _tiny_bwd():
 def main():
     torch.manual_seed(0)
     hopper = torch.cuda.get_device_capability()[0] == 9
-    for path in [p for p in ("sm90", "sm90ws") if hopper and _runs("RFSR_FWD_PATH", p, _tiny_fwd)]:
+    for path in [p for p in ("sm90",) if hopper and _runs("RFSR_FWD_PATH", p, _tiny_fwd)]:
         os.environ["RFSR_FWD_PATH"] = path
         for B, N, H, D, R, dt in SM90_CASES:
             q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=dt) for _ in range(3))

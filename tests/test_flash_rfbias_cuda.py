@@ -55,11 +55,10 @@ def _sm90_path_available() -> bool:
             os.environ["RFSR_FWD_PATH"] = old
 
 
-@pytest.fixture(autouse=True, params=["sm80", "sm90", "sm90ws"])
+@pytest.fixture(autouse=True, params=["sm80", "sm90"])
 def kernel_path(request, monkeypatch):
-    """Every test runs on the sm80 kernels and, where they are built and the device is 9.x, on the wgmma kernels
-    (uniform and warp-specialised), each forced with RFSR_FWD_PATH, so every path meets the same checks whatever
-    the default picks."""
+    """Every test runs on the sm80 kernels and, where they are built and the device is 9.x, on the warp-specialised
+    wgmma kernel, each forced with RFSR_FWD_PATH, so both paths meet the same checks whatever the default picks."""
     if request.param != "sm80" and not _sm90_path_available():
         pytest.skip("the wgmma (sm90) path needs a 9.x device and a build with the sm90 kernels")
     monkeypatch.setenv("RFSR_FWD_PATH", request.param)
@@ -235,8 +234,8 @@ def test_default_path_choice(kernel_path, monkeypatch):
     small = make_inputs(2, 1024, 2, 30, 34, torch.bfloat16, False, seed=4)
     wide = make_inputs(1, 2304, 1, 64, 64, torch.bfloat16, False, seed=6)  # Dqk 128: stays on sm80
     wgmma = torch.cuda.get_device_capability()[0] == 9 and _sm90_path_available()
-    assert torch.equal(fwd(None, big), fwd("sm90ws" if wgmma else "sm80", big))
-    assert torch.equal(fwd(None, big_dv16), fwd("sm90ws" if wgmma else "sm80", big_dv16))
+    assert torch.equal(fwd(None, big), fwd("sm90" if wgmma else "sm80", big))
+    assert torch.equal(fwd(None, big_dv16), fwd("sm90" if wgmma else "sm80", big_dv16))
     assert torch.equal(fwd(None, small), fwd("sm80", small))
     assert torch.equal(fwd(None, wide), fwd("sm80", wide))
 

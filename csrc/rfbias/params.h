@@ -45,9 +45,9 @@ struct RfbiasFwdParams {
   bool qkv_vec16;   // q, k, v rows and heads 16-byte aligned and D % 8 == 0: 16-byte cp.async, else 4-byte
   bool bias_vec2;   // factor rows 4-byte aligned and R even: 4-byte copies, else 2-byte copies
 
-  // sm90 path only: 0 runs the uniform kernel, k >= 1 the warp-specialised one (sm90/fwd_ws_kernel.h) in its
-  // configuration k (1: the default; others exist only in experiment builds).
-  int sm90_ws;
+  // sm90 path only: configuration of the warp-specialised kernel (sm90/fwd_ws_kernel.h); 0 and 1 are the default,
+  // others exist only in experiment builds.
+  int sm90_variant;
 };
 
 // Places the softmax scale so that one packed product gives the logits:

@@ -7,7 +7,7 @@
 // The walk, the workspace and the deterministic factor-gradient reduction are the sm80 kernels' (a CTA owns 64 rows
 // of one head and walks `chunk_windows` windows; the other side streams through a kStages-deep cp.async ring, last
 // partial tile first; per-chunk partials of the shared factors' gradient, summed later in a fixed order). What
-// changes: one warpgroup per CTA, shared-memory tiles in the swizzled layouts wgmma reads (sm90/fwd_kernel.h's copy
+// changes: one warpgroup per CTA, shared-memory tiles in the swizzled layouts wgmma reads (sm90/tiles.h's copy
 // plans), and each step's products as wgmma:
 //   dK/dV kernel (64 keys):   S^T = Kc . Qs^T, dP^T = V . dO^T        both operands in shared memory
 //                             dV += P^T . dO,  [dK | dbias_k] += dS^T . Qs   P^T, dS^T from registers, dO and Qs
@@ -17,7 +17,7 @@
 // so both kernels mask that tile's columns, as the sm80 dQ kernel does.
 #pragma once
 
-#include "fwd_kernel.h"
+#include "tiles.h"
 #include "../sm80/bwd_kernel.h"
 
 namespace rfsr {

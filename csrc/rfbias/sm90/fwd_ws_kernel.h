@@ -1,21 +1,20 @@
 // sm90a forward kernel, warp-specialised: one producer warpgroup copies, kConsumers warpgroups compute.
 //
-// The uniform kernel (fwd_kernel.h) has every thread copy its share of each K/V tile and meet at a CTA barrier per
-// tile; with D = 30 rows every copy is a 4-byte cp.async, and the copy instructions took a large share of the issue
-// slots of the warps that also run the softmax. Here:
+// A uniform wgmma kernel (every thread copying its share of each K/V tile, one CTA barrier per tile; retired
+// 2026-11-27) spent a large share of the issue slots of the softmax warps on copies: with D = 30 rows every copy is a
+// 4-byte cp.async. Here:
 //   * warpgroup 0 (the producer) builds the copy plans once and streams [k | bias_k] and v tiles into a kStages-deep
 //     ring, each slot guarded by a `full` mbarrier (the producer threads' cp.async arrivals) and an `empty` one
 //     (one arrival per consumer warp once its wgmmas that read the slot have retired); it also stages the query
 //     tiles [q * q_mult | bias_q * bq_mult] and scales them in place;
-//   * warpgroups 1..kConsumers each own 64 query rows and run the uniform kernel's wgmma loop (S(j + 1) and
-//     O += P(j) V(j) queued back to back, the softmax of S(j + 1) during the PV product) with no copies and no CTA
-//     barriers: a consumer waits only for the slot it reads next.
+//   * warpgroups 1..kConsumers each own 64 query rows and run the wgmma loop (S(j + 1) and O += P(j) V(j) queued
+//     back to back, the softmax of S(j + 1) during the PV product) with no copies and no CTA barriers: a consumer
+//     waits only for the slot it reads next.
 // Where the launch bound leaves the consumers too few registers (several CTAs per SM, three consumers, two P
-// buffers), registers move from the producer to them (setmaxnreg). Shared-memory tiles and copy plans are those of
-// the uniform kernel (GMMA canonical swizzled layouts, SwizzledRowPlan / SwizzledFactorPlan). The binding
-// takes this kernel for the large windows of the SST-family buckets on 9.x devices (csrc/rfbias_cuda.cpp);
-// RFSR_FWD_PATH=sm90 still selects the uniform kernel, whose consumer code this one repeats (GEMM issue, softmax,
-// epilogue) until the uniform kernel is retired. scripts/gpu_eval.sh is the evaluation of both.
+// buffers), registers move from the producer to them (setmaxnreg). Shared-memory tiles and copy plans: tiles.h (GMMA
+// canonical swizzled layouts, SwizzledRowPlan / SwizzledFactorPlan). The binding takes this kernel for the large
+// windows of the SST-family buckets on 9.x devices (csrc/rfbias_cuda.cpp); RFSR_FWD_PATH=sm90 forces it.
+// Evaluation: benchmarks/results/fwd-ws-h200-2026-11-27.md, scripts/gpu_eval.sh.
 //
 // Ordering of the copies with wgmma: cp.async writes are made visible through the mbarrier (each producer thread's
 // cp.async.mbarrier.arrive.noinc arrives once its copies have landed). Writes that are not cp.async (the odd-rank
@@ -23,7 +22,7 @@
 // (release), counted in the barrier's expected arrivals.
 #pragma once
 
-#include "fwd_kernel.h"
+#include "tiles.h"
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -473,8 +472,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   softmax(acc_s, cute::true_type{});
   convert_p();  // O is still zero: no rescale
 
-  // Step j: S(j + 1) and O += P(j) V(j) queued back to back; the softmax of S(j + 1) runs during the PV product
-  // (see the uniform kernel). After both retire, slot j (K(j) and V(j)) goes back to the producer.
+  // Step j: S(j + 1) and O += P(j) V(j) queued back to back; the softmax of S(j + 1) runs during the PV product, whose
+  // operands it does not touch. After both retire, slot j (K(j) and V(j)) goes back to the producer.
   for (int j = 0; j + 1 < n_blocks; ++j) {
     wait_full(j + 1);
     sched_wait();
@@ -547,8 +546,8 @@ cudaError_t launch_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// p.sm90_ws: 1 is the configuration of FwdWsConfig. Builds with RFSR_SM90WS_VARIANTS defined also carry, for the
-// SST-family buckets, the variants an A/B run compares in one build (the binding passes RFSR_SM90WS_VARIANT):
+// p.sm90_variant 0 or 1: the configuration of FwdWsConfig. Builds with RFSR_SM90WS_VARIANTS defined also carry, for
+// the SST-family buckets, the variants an A/B run compares in one build (the binding passes RFSR_SM90WS_VARIANT):
 //   2: 64-key tiles, 4 stages; 3: two consumer warpgroups (128 query rows, 40 producer registers);
 //   4: 64-key tiles at two CTAs per SM (registers moved to the consumers); 5: 1 with pingpong; 6 and 7: 1 with
 //   every 4th / 8th exponential of the unmasked tiles on the FMA pipe (dev::exp2_poly3; only where the softmax sums
@@ -561,7 +560,7 @@ cudaError_t run_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
   if (!p.qkv_vec16 && p.D >= kDv) return run_fwd_uniform<Element, kDqk, kDv>(p, stream);
 #ifdef RFSR_SM90WS_VARIANTS
   if constexpr (kDqk <= 64 && kDv <= 32) {  // the SST-family buckets
-    switch (p.sm90_ws) {
+    switch (p.sm90_variant) {
       case 2: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 64, 4, 1>>(p, stream);
       case 3: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40>>(p, stream);
       case 4: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 64, 3, 2, 40>>(p, stream);

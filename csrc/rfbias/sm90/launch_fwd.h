@@ -1,8 +1,7 @@
-// sm90 forward entry point: the uniform wgmma kernel (fwd_kernel.h) or the warp-specialised one (fwd_ws_kernel.h),
-// as the binding asks through RfbiasFwdParams::sm90_ws.
+// sm90 forward entry point: the warp-specialised wgmma kernel (fwd_ws_kernel.h), in the configuration the binding
+// asks through RfbiasFwdParams::sm90_variant.
 #pragma once
 
-#include "fwd_kernel.h"
 #include "fwd_ws_kernel.h"
 
 namespace rfsr {
@@ -10,7 +9,7 @@ namespace sm90 {
 
 template <typename Element, int kDqk, int kDv>
 cudaError_t run_fwd(const RfbiasFwdParams& p, cudaStream_t stream) {
-  return p.sm90_ws ? run_fwd_ws<Element, kDqk, kDv>(p, stream) : run_fwd_uniform<Element, kDqk, kDv>(p, stream);
+  return run_fwd_ws<Element, kDqk, kDv>(p, stream);
 }
 
 }  // namespace sm90
