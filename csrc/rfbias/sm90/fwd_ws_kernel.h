@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
 
   // Rows of 4-byte words (D % 8 != 0, so D < kDv): the first pad column of every V slot holds ones, and the PV
   // product accumulates the softmax row sums in O's column D (from the same bf16 P as the output, with the same
-  // rescaling), which takes the row-sum additions out of the softmax. The launcher never pairs !kVec16 with D = kDv.
+  // rescaling), which takes the row-sum additions out of the softmax. run_fwd_ws never pairs !kVec16 with D = kDv.
   constexpr bool kSumInO = !kVec16;
 
   // 1. Clear the tiles (pad columns, and rows past N of the first, partial key tile and of the query tiles, stay zero:
@@ -555,9 +555,9 @@ cudaError_t launch_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
 //   with 4 stages.
 template <typename Element, int kDqk, int kDv>
 cudaError_t run_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
-  // The 4-byte-word kernel keeps the row sums in V's first pad column; D = kDv rows that are not 16-byte aligned
-  // (views at odd offsets) have none and take the uniform kernel.
-  if (!p.qkv_vec16 && p.D >= kDv) return run_fwd_uniform<Element, kDqk, kDv>(p, stream);
+  // The 4-byte-word kernel keeps the row sums in V's first pad column: D < kDv (the binding copies rows with
+  // D % 8 == 0 that are not 16-byte aligned, so they take the 16-byte kernel).
+  if (!p.qkv_vec16 && p.D >= kDv) return cudaErrorInvalidValue;
 #ifdef RFSR_SM90WS_VARIANTS
   if constexpr (kDqk <= 64 && kDv <= 32) {  // the SST-family buckets
     switch (p.sm90_variant) {
