@@ -137,21 +137,8 @@ __device__ __forceinline__ float row_max(T const& S, int mi) {
   }
 }
 
-// exp2(x) without the MUFU unit, for x <= 0: x = j + f with j = round(x) added to the exponent bits and 2^f
-// (f in [-0.5, 0.5]) a degree-3 polynomial on the FMA pipe. Relative error 1.1e-4 (below the bf16/fp16 rounding of
-// P); results below 2^-125 come out as 2^-125, not 0, so callers use it only where no element is masked.
-__device__ __forceinline__ float exp2_poly3(float x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound holds round(x) in its low mantissa bits
-  x = fmaxf(x, -125.f);
-  const float t = __fadd_rn(x, kRound);
-  const float f = __fsub_rn(x, __fsub_rn(t, kRound));
-  const float p = fmaf(fmaf(fmaf(0.05432341f, f, 0.24250752f), f, 0.69341326f), f, 0.99994045f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
-// kSoftEvery > 0: every kSoftEvery-th element takes exp2_poly3 instead of the MUFU exp2 (an experiment to move work
-// off the exp unit when it is the bound; not for tiles with masked elements).
-template <int kSoftEvery = 0, class T>
+// exp2(S * scale - m_scaled) in place over row mi; returns the row's sum (four independent addition chains).
+template <class T>
 __device__ __forceinline__ float row_exp2_sum(T& S, int mi, float scale, float m_scaled) {
   constexpr int kN = decltype(cute::size<1>(S))::value;
   constexpr int kChains = kN % 4 == 0 ? 4 : 1;
@@ -160,13 +147,7 @@ __device__ __forceinline__ float row_exp2_sum(T& S, int mi, float scale, float m
   for (int c = 0; c < kChains; ++c) sum[c] = 0.f;
   CUTE_UNROLL
   for (int ni = 0; ni < kN; ++ni) {
-    float e;
-    if constexpr (kSoftEvery > 0) {
-      e = ni % kSoftEvery == kSoftEvery - 1 ? exp2_poly3(S(mi, ni) * scale - m_scaled)
-                                            : exp2f(S(mi, ni) * scale - m_scaled);
-    } else {
-      e = exp2f(S(mi, ni) * scale - m_scaled);
-    }
+    const float e = exp2f(S(mi, ni) * scale - m_scaled);
     S(mi, ni) = e;
     sum[ni % kChains] += e;
   }

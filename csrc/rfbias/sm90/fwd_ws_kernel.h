@@ -10,9 +10,9 @@
 //   * warpgroups 1..kConsumers each own 64 query rows and run the wgmma loop (S(j + 1) and O += P(j) V(j) queued
 //     back to back, the softmax of S(j + 1) during the PV product) with no copies and no CTA barriers: a consumer
 //     waits only for the slot it reads next.
-// Where the launch bound leaves the consumers too few registers (several CTAs per SM, three consumers, two P
-// buffers), registers move from the producer to them (setmaxnreg). Shared-memory tiles and copy plans: tiles.h (GMMA
-// canonical swizzled layouts, SwizzledRowPlan / SwizzledFactorPlan). The binding takes this kernel for the large
+// Where the launch bound leaves the consumers too few registers (several CTAs per SM, three consumers), registers
+// move from the producer to them (setmaxnreg). Shared-memory tiles and copy plans: tiles.h (GMMA canonical swizzled
+// layouts, SwizzledRowPlan / SwizzledFactorPlan). The binding takes this kernel for the large
 // windows of the SST-family buckets on 9.x devices (csrc/rfbias_cuda.cpp); RFSR_FWD_PATH=sm90 forces it.
 // Evaluation: benchmarks/results/fwd-ws-h200-2026-11-27.md, scripts/gpu_eval.sh.
 //
@@ -36,8 +36,7 @@ namespace rfsr {
 namespace sm90 {
 
 template <typename Element_, int kDqk_, int kDv_, int kConsumers_, int kBlockN_, int kStages_, int kMinBlocks_,
-          int kProducerRegs_ = RFSR_SM90WS_PRODUCER_REGS, bool kPingpong_ = false, int kSoftExp_ = 0,
-          bool kDoubleP_ = false>
+          int kProducerRegs_ = RFSR_SM90WS_PRODUCER_REGS>
 struct FwdWsTraits {
   using Element = Element_;
   static constexpr int kDqk = kDqk_;
@@ -48,17 +47,6 @@ struct FwdWsTraits {
   static constexpr int kNThreads = 128 * (kConsumers + 1);
   static constexpr int kStages = kStages_;
   static constexpr int kMinBlocks = kMinBlocks_;
-  // Consumers take turns to issue their GEMMs (named barriers), so that one's softmax runs while another's GEMMs do.
-  static constexpr bool kPingpong = kPingpong_ && kConsumers > 1;
-  // Every kSoftExp-th exponential of the unmasked tiles on the FMA pipe (dev::exp2_poly3); 0: all on the exp unit.
-  static constexpr int kSoftExp = kSoftExp_;
-  // Two P register buffers: P(j + 1) is converted while O += P(j) V(j) still reads P(j), and O is rescaled before
-  // the next PV product is issued, so nothing in the softmax waits for the running PV product (ptxas hoists that
-  // wait above the exponentials otherwise, to pack P early). Needs more consumer registers.
-  static constexpr bool kDoubleP = kDoubleP_;
-  static_assert(!(kDoubleP && kPingpong), "one consumer schedule at a time");
-  // With two P buffers slot j - 1 is released only after tile j + 1 has been waited for: three slots at least.
-  static_assert(!kDoubleP || kStages >= 3, "two P buffers need three stages");
   static_assert(kStages >= 2, "a ring needs two slots");
   static_assert(kDqk % 16 == 0 && kDv % 16 == 0 && kBlockN % 16 == 0, "wgmma tile constraints");
 
@@ -66,7 +54,7 @@ struct FwdWsTraits {
   // one CTA per SM), registers move from the producer to the consumers with setmaxnreg (multiples of 8): the
   // producer keeps kProducerRegs, the consumers share the rest of the CTA's part of the register file.
   static constexpr int kLaunchRegs = (65536 / (kNThreads * kMinBlocks) > 255 ? 255 : 65536 / (kNThreads * kMinBlocks)) / 8 * 8;
-  static constexpr bool kRealloc = kLaunchRegs < 160 || kDoubleP;
+  static constexpr bool kRealloc = kLaunchRegs < 160;
   static constexpr int kProducerRegs = kProducerRegs_;
   // setmaxnreg moves registers within the CTA's own allocation (kNThreads x kLaunchRegs, what ptxas gives the
   // kernel at the launch bound): a consumer request beyond what the producer released would never be granted.
@@ -344,8 +332,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       if constexpr (kSumInO) {
         dev::row_exp2(S, mi, scale_log2, mx * scale_log2);
       } else {
-        row_sum[mi] = row_sum[mi] * corr[mi] +
-                      dev::row_exp2_sum<kFirst ? 0 : Traits::kSoftExp>(S, mi, scale_log2, mx * scale_log2);
+        row_sum[mi] = row_sum[mi] * corr[mi] + dev::row_exp2_sum(S, mi, scale_log2, mx * scale_log2);
       }
     }
   };
@@ -379,94 +366,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     warpgroup_commit_batch();
   };
 
-  // Pingpong: consumer c issues its GEMMs after consumer c - 1 (round robin; named barrier 2 + c, 256 threads: its
-  // own 128 waiting and the predecessor's 128 arriving). The last consumer opens the first round and skips its last
-  // hand-over, so that every barrier sees as many arrivals as waits.
-  auto sched_wait = [&]() {
-    if constexpr (Traits::kPingpong) cutlass::arch::NamedBarrier::sync(256, 2 + c);
-  };
-  auto sched_pass = [&](bool last) {
-    if constexpr (Traits::kPingpong) {
-      if (!(last && c == kConsumers - 1)) cutlass::arch::NamedBarrier::arrive(256, 2 + (c + 1) % kConsumers);
-    }
-  };
-
-  if constexpr (Traits::kDoubleP) {
-    Tensor rP1 = make_tensor<Element>(acc_s.layout());
-    Tensor tOrP1 = make_tensor(rP1.data(), acc_as_a_layout(rP1.layout()));
-    auto convert_into = [&](auto parity) {
-      constexpr int kN = decltype(size(acc_s))::value;
-      Element* dst = decltype(parity)::value == 0 ? rP.data() : rP1.data();
-      cutlass::NumericArrayConverter<Element, float, kN> conv;
-      *reinterpret_cast<cutlass::Array<Element, kN>*>(dst) =
-          conv(*reinterpret_cast<const cutlass::Array<float, kN>*>(acc_s.data()));
-    };
-    auto issue_pv_from = [&](auto parity, int j) {
-      Tensor sVt = make_tensor(make_smem_ptr(sV_at(j % kStages)), typename Traits::SmemLayoutVt{});
-      Tensor tOrVt = thr_o.make_fragment_B(thr_o.partition_B(sVt));
-      warpgroup_fence_operand(acc_o);
-      warpgroup_arrive();
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-        if constexpr (decltype(parity)::value == 0) {
-          cute::gemm(mma_o, tOrP(_, _, kb), tOrVt(_, _, kb), acc_o);
-        } else {
-          cute::gemm(mma_o, tOrP1(_, _, kb), tOrVt(_, _, kb), acc_o);
-        }
-      }
-      warpgroup_commit_batch();
-    };
-    // Step j (P(j) in buffer j % 2, corr from the softmax of S(j), O += P(j - 1) V(j - 1) possibly running): retire
-    // it, hand slot j - 1 back, rescale O, queue S(j + 1) and O += P(j) V(j), then the softmax of S(j + 1) into the
-    // other buffer while the PV product runs.
-    auto step = [&](int j, auto parity) {
-      wait_full(j + 1);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc_o);
-      if (j > 0) {
-        release(j - 1);
-        rescale_o();
-      }
-      issue_s(acc_s, j + 1);
-      issue_pv_from(parity, j);
-      warpgroup_wait<1>();
-      warpgroup_fence_operand(acc_s);
-      softmax(acc_s, cute::false_type{});
-      convert_into(cute::Int<1 - decltype(parity)::value>{});
-    };
-    Barrier::wait(query_bar, 0);
-    wait_full(0);
-    issue_s(acc_s, 0);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_s);
-    softmax(acc_s, cute::true_type{});
-    convert_into(cute::Int<0>{});
-    int j = 0;
-    for (; j + 2 < n_blocks; j += 2) {
-      step(j, cute::Int<0>{});
-      step(j + 1, cute::Int<1>{});
-    }
-    if (j + 1 < n_blocks) step(j++, cute::Int<0>{});
-    // j = n_blocks - 1: the last PV product, from buffer j % 2
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_o);
-    if (j > 0) rescale_o();
-    if (j & 1) {
-      issue_pv_from(cute::Int<1>{}, j);
-    } else {
-      issue_pv_from(cute::Int<0>{}, j);
-    }
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_o);
-  } else {
   Barrier::wait(query_bar, 0);
-  if constexpr (Traits::kPingpong) {
-    if (c == kConsumers - 1) cutlass::arch::NamedBarrier::arrive(256, 2);
-  }
   wait_full(0);
-  sched_wait();
   issue_s(acc_s, 0);
-  sched_pass(false);
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_s);
   softmax(acc_s, cute::true_type{});
@@ -476,10 +378,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   // operands it does not touch. After both retire, slot j (K(j) and V(j)) goes back to the producer.
   for (int j = 0; j + 1 < n_blocks; ++j) {
     wait_full(j + 1);
-    sched_wait();
     issue_s(acc_s, j + 1);
     issue_pv(j);
-    sched_pass(false);
     warpgroup_wait<1>();
     warpgroup_fence_operand(acc_s);
     softmax(acc_s, cute::false_type{});
@@ -490,12 +390,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     rescale_o();
     convert_p();
   }
-  sched_wait();
   issue_pv(n_blocks - 1);
-  sched_pass(true);
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_o);
-  }
 
   // Epilogue: normalise, write out (4-byte stores: D is even) and lse, straight from the accumulators.
   Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
@@ -549,10 +446,9 @@ cudaError_t launch_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
 // p.sm90_variant 0 or 1: the configuration of FwdWsConfig. Builds with RFSR_SM90WS_VARIANTS defined also carry, for
 // the SST-family buckets, the variants an A/B run compares in one build (the binding passes RFSR_SM90WS_VARIANT):
 //   2: 64-key tiles, 4 stages; 3: two consumer warpgroups (128 query rows, 40 producer registers);
-//   4: 64-key tiles at two CTAs per SM (registers moved to the consumers); 5: 1 with pingpong; 6 and 7: 1 with
-//   every 4th / 8th exponential of the unmasked tiles on the FMA pipe (dev::exp2_poly3; only where the softmax sums
-//   the rows itself, i.e. D % 8 == 0); 8: two P buffers (kDoubleP)
-//   with 4 stages.
+//   4: 64-key tiles at two CTAs per SM (registers moved to the consumers). Schedules that lost the A/B of 2026-11-27
+//   and were removed (benchmarks/results/fwd-ws-h200-2026-11-27.md): pingpong of the consumers' GEMMs over named
+//   barriers, every 4th or 8th exponential on the FMA pipe, and two P register buffers.
 template <typename Element, int kDqk, int kDv>
 cudaError_t run_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
   // The 4-byte-word kernel keeps the row sums in V's first pad column: D < kDv (the binding copies rows with
@@ -564,10 +460,6 @@ cudaError_t run_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
       case 2: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 64, 4, 1>>(p, stream);
       case 3: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40>>(p, stream);
       case 4: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 64, 3, 2, 40>>(p, stream);
-      case 5: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, true>>(p, stream);
-      case 6: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, false, 4>>(p, stream);
-      case 7: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 3, 1, 40, false, 8>>(p, stream);
-      case 8: return launch_fwd_ws<FwdWsTraits<Element, kDqk, kDv, 2, 128, 4, 1, 96, false, 0, true>>(p, stream);
       default: break;
     }
   }
