@@ -27,7 +27,6 @@ if cuda_ok:
         pytestmark.append(pytest.mark.skip(reason="fused CUDA backward not registered in this build"))
 
 
-
 def _sm90_bwd_available() -> bool:
     """The wgmma backward kernels can run: a 9.x device and a build with -DRFSR_SM90_BWD (otherwise
     RFSR_BWD_PATH=sm90 raises)."""

@@ -187,6 +187,31 @@ __device__ __forceinline__ void store_pair(Element* dst, float a, float b) {
   *reinterpret_cast<cutlass::Array<Element, 2>*>(dst) = conv(f);
 }
 
+// Forward epilogue, shared by the sm80 and sm90 kernels: O (rows x columns view of the accumulator, `coord` the
+// same view of its (row, column) coordinates in the tile, rows offset by r0) divided by the quad-reduced row sums
+// and written as column pairs (D even); lse = (row_max * scale_log2 + log2(sum)) * ln 2 by the lane holding column 0.
+template <typename Element, class TO, class TC, int kRows>
+__device__ __forceinline__ void store_out_lse(TO const& O, TC const& coord, const float (&row_max)[kRows],
+                                              const float (&row_sum)[kRows], int r0, int N, int D, Element* out_base,
+                                              int64_t out_row_stride, float* lse_base, float scale_log2) {
+  constexpr float kLn2 = 0.69314718055994530942f;
+  CUTE_UNROLL
+  for (int mi = 0; mi < decltype(cute::size<0>(O))::value; ++mi) {
+    const float sum = quad_sum(row_sum[mi]);
+    const float inv = 1.f / sum;
+    const int row = r0 + int(cute::get<0>(coord(mi, 0)));
+    if (row < N) {
+      Element* orow = out_base + int64_t(row) * out_row_stride;
+      CUTE_UNROLL
+      for (int nj = 0; nj < decltype(cute::size<1>(O))::value / 2; ++nj) {
+        const int col = int(cute::get<1>(coord(mi, 2 * nj)));
+        if (col < D) store_pair(orow + col, O(mi, 2 * nj) * inv, O(mi, 2 * nj + 1) * inv);
+      }
+      if (int(cute::get<1>(coord(mi, 0))) == 0) lse_base[row] = (row_max[mi] * scale_log2 + log2f(sum)) * kLn2;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // 16-bit element <-> float helpers for the register-staged (scaled) loads.
 

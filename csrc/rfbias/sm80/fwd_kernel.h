@@ -270,33 +270,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kDv>>{});
   Tensor tOcO = thr_mma.partition_C(cO);
   Tensor tOcO_rc = make_tensor(tOcO.data(), dev::rowcol_layout(tOcO.layout()));
-  Element* out_base = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
-  float* lse_base = p.lse + (int64_t(b) * p.H + h) * N;
-  constexpr float kLn2 = 0.69314718055994530942f;
-
-  CUTE_UNROLL
-  for (int mi = 0; mi < size<0>(O); ++mi) {
-    const float sum = dev::quad_sum(row_sum[mi]);
-    const float inv = 1.f / sum;
-    const int row = m0 + int(get<0>(tOcO_rc(mi, 0)));
-    if (row < N) {
-      Element* orow = out_base + int64_t(row) * p.out_row_stride;
-      CUTE_UNROLL
-      for (int nj = 0; nj < size<1>(O) / 2; ++nj) {
-        const int col = int(get<1>(tOcO_rc(mi, 2 * nj)));
-        if (col < D) {
-          cutlass::Array<float, 2> f;
-          f[0] = O(mi, 2 * nj) * inv;
-          f[1] = O(mi, 2 * nj + 1) * inv;
-          cutlass::NumericArrayConverter<Element, float, 2> conv;
-          *reinterpret_cast<cutlass::Array<Element, 2>*>(orow + col) = conv(f);
-        }
-      }
-      if (int(get<1>(tOcO_rc(mi, 0))) == 0) {
-        lse_base[row] = (row_max[mi] * scale_log2 + log2f(sum)) * kLn2;
-      }
-    }
-  }
+  dev::store_out_lse(O, tOcO_rc, row_max, row_sum, m0, N, D,
+                     static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride, p.out_row_stride,
+                     p.lse + (int64_t(b) * p.H + h) * N, scale_log2);
 }
 
 }  // namespace sm80

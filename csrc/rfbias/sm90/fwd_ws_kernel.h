@@ -264,6 +264,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       load_kv(j);
       arrive_fill(&full_bar[slot]);
     }
+    dev::cp_async_commit();   // the steady-state fills were never committed: wait_group waits only committed groups
     dev::cp_async_wait<0>();  // nothing in flight when the producer warps exit
     return;
   }
@@ -398,33 +399,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
   Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<_64, Int<kDv>>{}));
   Tensor cO_rc = make_tensor(cO.data(), rowcol_layout(cO.layout()));
-  Element* out_base = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
-  float* lse_base = p.lse + (int64_t(b) * p.H + h) * N;
-  const int r0 = m0 + 64 * c;
-  constexpr float kLn2 = 0.69314718055994530942f;
-  CUTE_UNROLL
-  for (int mi = 0; mi < size<0>(O); ++mi) {
-    float own = row_sum[mi];
-    if constexpr (kSumInO) {  // column D of O, held by one thread of the quad
-      own = 0.f;
+  if constexpr (kSumInO) {  // the row sums are O's column D, held by one thread of each quad (the others pass 0)
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      row_sum[mi] = 0.f;
       CUTE_UNROLL
       for (int di = 0; di < size<1>(O); ++di) {
-        if (int(get<1>(cO_rc(mi, di))) == D) own = O(mi, di);
+        if (int(get<1>(cO_rc(mi, di))) == D) row_sum[mi] = O(mi, di);
       }
-    }
-    const float sum = dev::quad_sum(own);
-    const float inv = 1.f / sum;
-    const int row = r0 + int(get<0>(cO_rc(mi, 0)));
-    if (row < N) {
-      Element* orow = out_base + int64_t(row) * p.out_row_stride;
-      CUTE_UNROLL
-      for (int nj = 0; nj < size<1>(O) / 2; ++nj) {
-        const int col = int(get<1>(cO_rc(mi, 2 * nj)));
-        if (col < D) dev::store_pair(orow + col, O(mi, 2 * nj) * inv, O(mi, 2 * nj + 1) * inv);
-      }
-      if (int(get<1>(cO_rc(mi, 0))) == 0) lse_base[row] = (row_max[mi] * scale_log2 + log2f(sum)) * kLn2;
     }
   }
+  dev::store_out_lse(O, cO_rc, row_max, row_sum, m0 + 64 * c, N, D,
+                     static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride, p.out_row_stride,
+                     p.lse + (int64_t(b) * p.H + h) * N, scale_log2);
 #else
   __trap();  // compiled for another architecture: never launched there (the binding checks the device)
 #endif
