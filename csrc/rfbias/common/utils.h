@@ -155,6 +155,13 @@ __device__ __forceinline__ float row_exp2_sum(T& S, int mi, float scale, float m
   return sum[0];
 }
 
+// exp2(S * scale - m_scaled) in place over row mi, without the row sum (a kernel that gets it from the PV product).
+template <class T>
+__device__ __forceinline__ void row_exp2(T& S, int mi, float scale, float m_scaled) {
+  CUTE_UNROLL
+  for (int ni = 0; ni < decltype(cute::size<1>(S))::value; ++ni) S(mi, ni) = exp2f(S(mi, ni) * scale - m_scaled);
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));

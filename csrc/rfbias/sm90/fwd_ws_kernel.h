@@ -137,12 +137,25 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   const int m0 = m_block * kBlockM;
   const int n_blocks = (N + kBlockN - 1) / kBlockN;
 
+  // Rows of 4-byte words (D % 8 != 0, so D < kDv): the first pad column of every V slot holds ones, and the PV
+  // product accumulates the softmax row sums in O's column D (from the same bf16 P as the output, with the same
+  // rescaling), which takes the row-sum additions out of the softmax. run_fwd_ws never pairs !kVec16 with D = kDv.
+  constexpr bool kSumInO = !kVec16;
+
   // 1. Clear the tiles (pad columns, and rows past N of the first, partial key tile and of the query tiles, stay zero:
-  //    the partial tile is the first one written to its slot) and set up the barriers.
+  //    the partial tile is the first one written to its slot), set the ones column, and set up the barriers.
   {
     uint4* z = reinterpret_cast<uint4*>(smem);
     for (int i = threadIdx.x; i < Traits::kBytesTiles / 16; i += Traits::kNThreads) z[i] = make_uint4(0, 0, 0, 0);
   }
+  if constexpr (kSumInO) {
+    __syncthreads();  // the clear of those words comes first
+    for (int i = threadIdx.x; i < kStages * kBlockN; i += Traits::kNThreads) {
+      Tensor sVt = make_tensor(make_smem_ptr(sV_at(i / kBlockN)), typename Traits::SmemLayoutVt{});
+      sVt(D, i % kBlockN) = Element(1.0f);
+    }
+  }
+  cutlass::arch::fence_view_async_shared();  // the cleared tiles and the ones column are read by wgmma
   // Factor words written by plain stores (odd rank or unaligned factor rows): each producer thread then arrives twice
   // per fill, once when its cp.async copies land and once (release) after its stores. The query tile is scaled in
   // place when a multiplier is not 1 (the usual case: bq_mult = 1 / scale) and then handed over by one plain arrive.
@@ -317,7 +330,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       const float mx = fmaxf(row_max[mi], dev::quad_max(dev::row_max(S, mi)));
       corr[mi] = exp2f((row_max[mi] - mx) * scale_log2);  // exp2(-inf) = 0 on the first tile
       row_max[mi] = mx;
-      row_sum[mi] = row_sum[mi] * corr[mi] + dev::row_exp2_sum(S, mi, scale_log2, mx * scale_log2);
+      if constexpr (kSumInO) {
+        dev::row_exp2(S, mi, scale_log2, mx * scale_log2);
+      } else {
+        row_sum[mi] = row_sum[mi] * corr[mi] + dev::row_exp2_sum(S, mi, scale_log2, mx * scale_log2);
+      }
     }
   };
   Tensor acc_s = partition_fragment_C(mma_s, Shape<_64, Int<kBlockN>>{});
@@ -329,6 +346,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     *reinterpret_cast<cutlass::Array<Element, kN>*>(rP.data()) =
         conv(*reinterpret_cast<const cutlass::Array<float, kN>*>(acc_s.data()));
   };
+  // Every tile (a warp vote that skipped it when no row max grew cost 2-4 %: fwd-ws-h200-2026-11-27.md, 6).
   auto rescale_o = [&]() {
     Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
     CUTE_UNROLL
@@ -381,6 +399,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
   Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<_64, Int<kDv>>{}));
   Tensor cO_rc = make_tensor(cO.data(), rowcol_layout(cO.layout()));
+  if constexpr (kSumInO) {  // the row sums are O's column D, held by one thread of each quad (the others pass 0)
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      row_sum[mi] = 0.f;
+      CUTE_UNROLL
+      for (int di = 0; di < size<1>(O); ++di) {
+        if (int(get<1>(cO_rc(mi, di))) == D) row_sum[mi] = O(mi, di);
+      }
+    }
+  }
   dev::store_out_lse(O, cO_rc, row_max, row_sum, m0 + 64 * c, N, D,
                      static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride, p.out_row_stride,
                      p.lse + (int64_t(b) * p.H + h) * N, scale_log2);
@@ -410,6 +438,9 @@ cudaError_t launch_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
 //   barriers, every 4th or 8th exponential on the FMA pipe, and two P register buffers.
 template <typename Element, int kDqk, int kDv>
 cudaError_t run_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
+  // The 4-byte-word kernel keeps the row sums in V's first pad column: D < kDv (the binding copies rows with
+  // D % 8 == 0 that are not 16-byte aligned, so they take the 16-byte kernel).
+  if (!p.qkv_vec16 && p.D >= kDv) return cudaErrorInvalidValue;
 #ifdef RFSR_SM90WS_VARIANTS
   if constexpr (kDqk <= 64 && kDv <= 32) {  // the SST-family buckets
     switch (p.sm90_variant) {
