@@ -137,9 +137,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
   const int m0 = m_block * kBlockM;
   const int n_blocks = (N + kBlockN - 1) / kBlockN;
 
-  // Rows of 4-byte words (D % 8 != 0, so D < kDv): the first pad column of every V slot holds ones, and the PV
-  // product accumulates the softmax row sums in O's column D (from the same bf16 P as the output, with the same
-  // rescaling), which takes the row-sum additions out of the softmax. run_fwd_ws never pairs !kVec16 with D = kDv.
+  // The 4-byte-word kernel (D % 8 != 0, or rows not 16-byte aligned; run_fwd_ws guarantees D < kDv): the first pad
+  // column of every V slot holds ones, and the PV product accumulates the softmax row sums in O's column D (from the
+  // same bf16 P as the output, with the same rescaling), which takes the row-sum additions out of the softmax.
   constexpr bool kSumInO = !kVec16;
 
   // 1. Clear the tiles (pad columns, and rows past N of the first, partial key tile and of the query tiles, stay zero:
