@@ -208,7 +208,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       const int slot = j % kStages;
       plan_k.copy(sK_at(slot), n0, valid);
       plan_v.copy(sV_at(slot), n0, valid);
-      plan_bk.copy(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride, valid, p.bias_vec2, 1.0f);
+      // unrolled factor copies (SwizzledFactorPlan::copy_full8) in the 16-byte kernel only: in the 4-byte one the
+      // producer's extra registers cost more than they save (A/B, H200: D = 30 up to 5% slower, D = 16 and 32 4-9%
+      // faster; benchmarks/results/fwd-ws-h200-2026-11-27.md, 7)
+      plan_bk.copy<kVec16 ? kBlockN : 0>(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride,
+                                         valid, p.bias_vec2, 1.0f);
     };
 
     // Query tiles first. Without scaling they are handed over like a key tile; with scaling (the usual case:
@@ -221,8 +225,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
         const int r0 = m0 + 64 * c;
         const int valid = max(0, min(64, N - r0));
         plan_q.copy(sQ_at(c), r0, valid);
-        plan_bq.copy(sQ_at(c), bq_base + int64_t(r0) * p.bq_row_stride, p.bq_row_stride, valid, p.bias_vec2,
-                     p.bq_mult);
+        plan_bq.copy<kVec16 ? 64 : 0>(sQ_at(c), bq_base + int64_t(r0) * p.bq_row_stride, p.bq_row_stride, valid,
+                                      p.bias_vec2, p.bq_mult);
       }
     }
     dev::cp_async_commit();

@@ -140,11 +140,37 @@ struct SwizzledFactorPlan {
   // than the copies); the vec2 test and the units per thread (kK, a template argument: only the last copy of a row is
   // predicated) are outside it. A loop over kMaxK predicated copies cost ~55 instructions a row at R = 34 with one
   // warpgroup copying, and made that rank twice as slow as R = 32 in the warp-specialised forward.
-  template <typename Element>
+  // kTileRows (the tile's rows, 0: unknown) enables the unrolled copy of full tiles below.
+  template <int kTileRows = 0, typename Element>
   __device__ __forceinline__ void copy(Element* dst, const Element* g, int64_t row_stride, int valid_rows, bool vec2,
                                        float mult) const {
     if (!active) return;
+    if constexpr (kTileRows > 0) {
+      if (vec2 && rows_per_it == 8 && kk <= 2 && valid_rows >= kTileRows) {
+        copy_full8<kTileRows>(dst, g, row_stride);
+        return;
+      }
+    }
     copy_k<1>(dst, g, row_stride, valid_rows, vec2, mult);
+  }
+  // A full tile of 4-byte units with 8 rows a pass (9 or more units a row: the SST ranks) and at most 2 units a
+  // thread: every pass unrolled, so a copy costs its address adds and no loop or predicate arithmetic (the row loop
+  // of copy_k issued about 19 instructions a pass, half of the producer's work per tile at D = 30, R = 34).
+  template <int kTileRows, typename Element>
+  __device__ __forceinline__ void copy_full8(Element* dst, const Element* g, int64_t row_stride) const {
+    static_assert(kTileRows % 8 == 0, "whole passes");
+    const Element* src = g + row * row_stride + lane_unit * 2;
+    const int64_t step = 8 * row_stride;
+    const int src_k = tpr * 2;
+    Element* d0 = dst + s_off[0];
+    Element* d1 = dst + s_off[1 < kMaxK ? 1 : 0];
+    const bool two = nk > 1;
+    CUTE_UNROLL
+    for (int it = 0; it < kTileRows / 8; ++it) {
+      dev::cp_async_4(d0 + it * s_step, src, true);
+      if (two) dev::cp_async_4(d1 + it * s_step, src + src_k, true);
+      src += step;
+    }
   }
   template <int kK, typename Element>
   __device__ __forceinline__ void copy_k(Element* dst, const Element* g, int64_t row_stride, int valid_rows, bool vec2,
