@@ -31,6 +31,14 @@
 #ifndef RFSR_SM90WS_PRODUCER_REGS
 #define RFSR_SM90WS_PRODUCER_REGS 40
 #endif
+// The same for the three-consumer configuration of the SST-family buckets (FwdWsConfig), and whether the 4-byte
+// kernel also takes the unrolled factor copies (experiment switches; the defaults are the measured choice).
+#ifndef RFSR_SM90WS_NARROW_PRODUCER_REGS
+#define RFSR_SM90WS_NARROW_PRODUCER_REGS 80
+#endif
+#ifndef RFSR_SM90WS_UNROLL_FACTORS_4B
+#define RFSR_SM90WS_UNROLL_FACTORS_4B 0
+#endif
 
 namespace rfsr {
 namespace sm90 {
@@ -100,7 +108,8 @@ template <typename Element, int kDqk, int kDv>
 struct FwdWsConfig {
   static constexpr bool kNarrow = kDqk <= 64 && kDv <= 32;
   static constexpr bool kWide = kDqk + kDv > 160;  // 128-key S tiles and a wide O would not fit the registers
-  using Traits = FwdWsTraits<Element, kDqk, kDv, kNarrow ? 3 : 2, kWide ? 64 : 128, 3, 1, kNarrow ? 80 : 40>;
+  using Traits = FwdWsTraits<Element, kDqk, kDv, kNarrow ? 3 : 2, kWide ? 64 : 128, 3, 1,
+                             kNarrow ? RFSR_SM90WS_NARROW_PRODUCER_REGS : RFSR_SM90WS_PRODUCER_REGS>;
 };
 
 template <class Traits, bool kVec16>
@@ -184,6 +193,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     const Element* bq_base = static_cast<const Element*>(p.bias_q) + b * p.bq_batch_stride + h * p.bq_head_stride;
     const Element* bk_base = static_cast<const Element*>(p.bias_k) + b * p.bk_batch_stride + h * p.bk_head_stride;
     constexpr int kVec = kVec16 ? 8 : 2;
+    constexpr bool kUnrollFactors = kVec16 || RFSR_SM90WS_UNROLL_FACTORS_4B;
     Tensor sK0 = make_tensor(make_smem_ptr(sK_at(0)), typename Traits::SmemLayoutK{});
     Tensor sVt0 = make_tensor(make_smem_ptr(sV_at(0)), typename Traits::SmemLayoutVt{});
     Tensor sV0 = make_tensor(sVt0.data(), select<1, 0>(sVt0.layout()));  // (key, d) view of V^T
@@ -211,8 +221,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       // unrolled factor copies (SwizzledFactorPlan::copy_full8) in the 16-byte kernel only: in the 4-byte one the
       // producer's extra registers cost more than they save (A/B, H200: D = 30 up to 5% slower, D = 16 and 32 4-9%
       // faster; benchmarks/results/fwd-ws-h200-2026-11-27.md, 7)
-      plan_bk.copy<kVec16 ? kBlockN : 0>(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride,
-                                         valid, p.bias_vec2, 1.0f);
+      plan_bk.copy<kUnrollFactors ? kBlockN : 0>(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride,
+                                                 p.bk_row_stride, valid, p.bias_vec2, 1.0f);
     };
 
     // Query tiles first. Without scaling they are handed over like a key tile; with scaling (the usual case:
@@ -225,8 +235,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
         const int r0 = m0 + 64 * c;
         const int valid = max(0, min(64, N - r0));
         plan_q.copy(sQ_at(c), r0, valid);
-        plan_bq.copy<kVec16 ? 64 : 0>(sQ_at(c), bq_base + int64_t(r0) * p.bq_row_stride, p.bq_row_stride, valid,
-                                      p.bias_vec2, p.bq_mult);
+        plan_bq.copy<kUnrollFactors ? 64 : 0>(sQ_at(c), bq_base + int64_t(r0) * p.bq_row_stride, p.bq_row_stride,
+                                              valid, p.bias_vec2, p.bq_mult);
       }
     }
     dev::cp_async_commit();
