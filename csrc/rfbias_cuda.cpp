@@ -78,9 +78,15 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   if (s.B == 0 || s.N == 0 || s.H == 0) return {out, lse};
 
   // Rows must be 4-byte addressable; anything coarser picks the 16-byte path, anything finer (an odd element
-  // offset or stride, which a rearranged view of a 4-byte-aligned buffer never has) is copied once.
-  auto rows4 = [](const at::Tensor& t) { return is_aligned(t, 4) ? t : t.contiguous(); };
-  const at::Tensor q = rows4(q_in), k = rows4(k_in), v = rows4(v_in);
+  // offset or stride, which a rearranged view of a 4-byte-aligned buffer never has) is copied once. The wgmma
+  // kernel's 4-byte path needs a pad column in V (D < its Dv bucket), so there rows with D = Dv that are not 16-byte
+  // aligned are copied once as well (a fresh contiguous tensor is).
+  const bool wgmma_kernel = kernel->min_arch == 90;
+  auto rows = [&](const at::Tensor& t) {
+    if (wgmma_kernel && s.D >= kernel->dv && !is_aligned(t, 16)) return t.clone(at::MemoryFormat::Contiguous);
+    return is_aligned(t, 4) ? t : t.contiguous();
+  };
+  const at::Tensor q = rows(q_in), k = rows(k_in), v = rows(v_in);
 
   RfbiasFwdParams p{};
   p.q = q.data_ptr();

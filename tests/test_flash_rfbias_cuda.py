@@ -181,6 +181,28 @@ def test_packed_qkv_views(D):
     check_against_reference(q, k, v, bq, bk)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [6, 62, 126])
+def test_head_dims_below_the_bucket_width(D, dtype):
+    # D % 8 != 0 in the 16-, 64- and 128-wide V buckets (several copy units per row; 64-key tiles for D = 126 with
+    # R = 64): the wgmma kernel's row sums come from V's first pad column there
+    q, k, v, bq, bk = make_inputs(2, 257, 2, D, 64, dtype, False, seed=D)
+    check_against_reference(q, k, v, bq, bk)
+
+
+@pytest.mark.parametrize("D", [16, 32])
+def test_rows_4byte_aligned_at_full_bucket_width(D):
+    # D % 8 == 0 but rows only 4-byte aligned (a view at a 2-element offset): the wgmma kernel's 4-byte path needs a
+    # pad column in V, which D = 16 / 32 rows lack, so the binding copies them; the result must not change
+    B, N, H, R = 2, 300, 2, 18
+    buf = torch.randn(B * N * H * D * 3 + 2, device="cuda", dtype=torch.bfloat16)
+    q, k, v = buf[2:].view(3, B, N, H, D).unbind(0)
+    assert q.data_ptr() % 16 != 0
+    bq = torch.randn(H, N, R, device="cuda").to(torch.bfloat16) * 0.5
+    bk = torch.randn(H, N, R, device="cuda").to(torch.bfloat16) * 0.5
+    check_against_reference(q, k, v, bq, bk)
+
+
 def test_channels_last_views():
     # a channels-last qkv 1x1-conv output (images, height, width, 3*H*D) with one window per image row band,
     # read sequence-first: strides of batch and sequence swapped relative to a contiguous tensor

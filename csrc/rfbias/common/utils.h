@@ -34,7 +34,8 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  // "memory": shared-memory reads after the wait must not be moved above it
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -153,6 +154,13 @@ __device__ __forceinline__ float row_exp2_sum(T& S, int mi, float scale, float m
   }
   if constexpr (kChains == 4) return (sum[0] + sum[1]) + (sum[2] + sum[3]);
   return sum[0];
+}
+
+// exp2(S * scale - m_scaled) in place over row mi, without the row sum (a kernel that gets it from the PV product).
+template <class T>
+__device__ __forceinline__ void row_exp2(T& S, int mi, float scale, float m_scaled) {
+  CUTE_UNROLL
+  for (int ni = 0; ni < decltype(cute::size<1>(S))::value; ++ni) S(mi, ni) = exp2f(S(mi, ni) * scale - m_scaled);
 }
 
 __device__ __forceinline__ float quad_max(float x) {

@@ -37,13 +37,20 @@
 #ifndef RFSR_SM90WS_PRODUCER_REGS
 #define RFSR_SM90WS_PRODUCER_REGS 40
 #endif
-
+// The same for the three-consumer configuration of the SST-family buckets (FwdWsConfig), and whether the 4-byte
+// kernel also takes the unrolled factor copies (experiment switches; the defaults are the measured choice).
 #ifndef RFSR_SM90WS_NARROW_PRODUCER_REGS
 #define RFSR_SM90WS_NARROW_PRODUCER_REGS 80
 #endif
+#ifndef RFSR_SM90WS_UNROLL_FACTORS_4B
+#define RFSR_SM90WS_UNROLL_FACTORS_4B 0
+#endif
+// Pinned copy plans (SwizzledRowPlan::pin): without, the persistent producer recomputed the swizzled offsets for
+// every copy and ran at half speed with 4-byte rows (fwd-ws-h200-2026-11-27.md, 7b).
 #ifndef RFSR_SM90WS_PIN_PLANS
 #define RFSR_SM90WS_PIN_PLANS 1
 #endif
+
 
 namespace rfsr {
 namespace sm90 {
@@ -119,7 +126,8 @@ template <typename Element, int kDqk, int kDv>
 struct FwdWsConfig {
   static constexpr bool kNarrow = kDqk <= 64 && kDv <= 32;
   static constexpr bool kWide = kDqk + kDv > 160;  // 128-key S tiles and a wide O would not fit the registers
-  using Traits = FwdWsTraits<Element, kDqk, kDv, kNarrow ? 3 : 2, kWide ? 64 : 128, 3, 1, kNarrow ? RFSR_SM90WS_NARROW_PRODUCER_REGS : 40>;
+  using Traits = FwdWsTraits<Element, kDqk, kDv, kNarrow ? 3 : 2, kWide ? 64 : 128, 3, 1,
+                             kNarrow ? RFSR_SM90WS_NARROW_PRODUCER_REGS : RFSR_SM90WS_PRODUCER_REGS>;
 };
 
 template <class Traits, bool kVec16>
@@ -163,13 +171,26 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     return Item{int(w % m_blocks) * kBlockM, int(hb % p.B), int(hb / p.B)};
   };
 
-  // 1. Clear the tiles once (pad columns stay zero: copies write only columns [0, D + R)) and set up the barriers.
-  //    Slots are reused across windows, so a partial key tile's rows past N are written as zeros by the producer.
+  // The 4-byte-word kernel (D % 8 != 0, or rows not 16-byte aligned; run_fwd_ws guarantees D < kDv): the first pad
+  // column of every V slot holds ones, and the PV product accumulates the softmax row sums in O's column D (from the
+  // same bf16 P as the output, with the same rescaling), which takes the row-sum additions out of the softmax.
+  constexpr bool kSumInO = !kVec16;
+
+  // 1. Clear the tiles once (pad columns stay zero: copies write only columns [0, D + R)), set the ones column, and
+  //    set up the barriers. Slots are reused across windows, so a partial key tile's rows past N are written as
+  //    zeros by the producer (columns [0, D + R) only: the ones column stays).
   {
     uint4* z = reinterpret_cast<uint4*>(smem);
     for (int i = threadIdx.x; i < Traits::kBytesTiles / 16; i += Traits::kNThreads) z[i] = make_uint4(0, 0, 0, 0);
   }
-  cutlass::arch::fence_view_async_shared();  // the cleared tiles are read by wgmma
+  if constexpr (kSumInO) {
+    __syncthreads();  // the clear of those words comes first
+    for (int i = threadIdx.x; i < kStages * kBlockN; i += Traits::kNThreads) {
+      Tensor sVt = make_tensor(make_smem_ptr(sV_at(i / kBlockN)), typename Traits::SmemLayoutVt{});
+      sVt(D, i % kBlockN) = Element(1.0f);
+    }
+  }
+  cutlass::arch::fence_view_async_shared();  // the cleared tiles and the ones column are read by wgmma
   // Factor words written by plain stores (odd rank or unaligned factor rows): each producer thread then arrives twice
   // per fill, once when its cp.async copies land and once (release) after its stores. The query tiles are scaled in
   // place when a multiplier is not 1 (the usual case: bq_mult = 1 / scale) and then handed over by one plain arrive.
@@ -199,6 +220,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     const Element* k0 = static_cast<const Element*>(p.k);
     const Element* v0 = static_cast<const Element*>(p.v);
     constexpr int kVec = kVec16 ? 8 : 2;
+    constexpr bool kUnrollFactors = kVec16 || RFSR_SM90WS_UNROLL_FACTORS_4B;
     Tensor sK0 = make_tensor(make_smem_ptr(sK_at(0)), typename Traits::SmemLayoutK{});
     Tensor sVt0 = make_tensor(make_smem_ptr(sV_at(0)), typename Traits::SmemLayoutVt{});
     Tensor sV0 = make_tensor(sVt0.data(), select<1, 0>(sVt0.layout()));  // (key, d) view of V^T
@@ -239,15 +261,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
 
       // Query tiles into buffer qb, once the consumers have finished the item that used it before.
       if (it >= kQBufs) Barrier::wait(&qempty_bar[qb], (it / kQBufs - 1) & 1);
-      {  // the query plans are rebuilt per item: kept live, they crowd the key-tile loop's registers (80 a thread)
+      {  // the query plans are rebuilt per item: kept live, they would crowd the key-tile loop's registers
         const SwizzledRowPlan<128, 64, kDv, kVec, Element> plan_q(tidx, sQ0, q0, p.q_row_stride, D);
         const SwizzledFactorPlan<128> plan_bq(tidx, D, R, p.bias_vec2, sQ0);
         for (int c = 0; c < kConsumers; ++c) {
           const int r0 = item.m0 + 64 * c;
           const int valid = max(0, min(64, N - r0));
           plan_q.copy(sQ_at(qb, c), r0, valid, q_shift);
-          plan_bq.copy<64>(sQ_at(qb, c), bq_base + int64_t(r0) * p.bq_row_stride, p.bq_row_stride, valid,
-                           p.bias_vec2, p.bq_mult);
+          plan_bq.copy<kUnrollFactors ? 64 : 0>(sQ_at(qb, c), bq_base + int64_t(r0) * p.bq_row_stride,
+                                                p.bq_row_stride, valid, p.bias_vec2, p.bq_mult);
         }
       }
       if (!scale_q) {
@@ -286,8 +308,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
         const int valid = min(kBlockN, N - n0);
         plan_k.copy(sK_at(slot), n0, valid, kv_shift);
         plan_v.copy(sV_at(slot), n0, valid, v_shift);
-        plan_bk.copy<kBlockN>(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride, p.bk_row_stride, valid,
-                              p.bias_vec2, 1.0f);
+        // unrolled factor copies (SwizzledFactorPlan::copy_full8): see RFSR_SM90WS_UNROLL_FACTORS_4B
+        plan_bk.copy<kUnrollFactors ? kBlockN : 0>(sK_at(slot), bk_base + int64_t(n0) * p.bk_row_stride,
+                                                   p.bk_row_stride, valid, p.bias_vec2, 1.0f);
         if (valid < kBlockN) {  // rows past N: zeros, not another window's keys
           plan_k.zero_tail(sK_at(slot), valid, k0);
           plan_v.zero_tail(sV_at(slot), valid, v0);
@@ -343,7 +366,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       const float mx = fmaxf(row_max[mi], dev::quad_max(dev::row_max(S, mi)));
       corr[mi] = exp2f((row_max[mi] - mx) * scale_log2);  // exp2(-inf) = 0 on the first tile
       row_max[mi] = mx;
-      row_sum[mi] = row_sum[mi] * corr[mi] + dev::row_exp2_sum(S, mi, scale_log2, mx * scale_log2);
+      if constexpr (kSumInO) {
+        dev::row_exp2(S, mi, scale_log2, mx * scale_log2);
+      } else {
+        row_sum[mi] = row_sum[mi] * corr[mi] + dev::row_exp2_sum(S, mi, scale_log2, mx * scale_log2);
+      }
     }
   };
   Tensor acc_s = partition_fragment_C(mma_s, Shape<_64, Int<kBlockN>>{});
@@ -355,6 +382,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     *reinterpret_cast<cutlass::Array<Element, kN>*>(rP.data()) =
         conv(*reinterpret_cast<const cutlass::Array<float, kN>*>(acc_s.data()));
   };
+  // Every tile (a warp vote that skipped it when no row max grew cost 2-4 %: fwd-ws-h200-2026-11-27.md, 6).
   auto rescale_o = [&]() {
     Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
     CUTE_UNROLL
@@ -437,6 +465,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
 
     // Epilogue: normalise, write out (4-byte stores: D is even) and lse, straight from the accumulators.
     Tensor O = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+    if constexpr (kSumInO) {  // the row sums are O's column D, held by one thread of each quad (the others pass 0)
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        row_sum[mi] = 0.f;
+        CUTE_UNROLL
+        for (int di = 0; di < size<1>(O); ++di) {
+          if (int(get<1>(cO_rc(mi, di))) == D) row_sum[mi] = O(mi, di);
+        }
+      }
+    }
     dev::store_out_lse(O, cO_rc, row_max, row_sum, item.m0 + 64 * c, N, D,
                        static_cast<Element*>(p.out) + item.b * p.out_batch_stride + item.h * p.out_head_stride,
                        p.out_row_stride, p.lse + (int64_t(item.b) * p.H + item.h) * N, scale_log2);
@@ -472,6 +510,9 @@ cudaError_t launch_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
 //   barriers, every 4th or 8th exponential on the FMA pipe, and two P register buffers.
 template <typename Element, int kDqk, int kDv>
 cudaError_t run_fwd_ws(const RfbiasFwdParams& p, cudaStream_t stream) {
+  // The 4-byte-word kernel keeps the row sums in V's first pad column: D < kDv (the binding copies rows with
+  // D % 8 == 0 that are not 16-byte aligned, so they take the 16-byte kernel).
+  if (!p.qkv_vec16 && p.D >= kDv) return cudaErrorInvalidValue;
 #ifdef RFSR_SM90WS_VARIANTS
   if constexpr (kDqk <= 64 && kDv <= 32) {  // the SST-family buckets
     switch (p.sm90_variant) {
