@@ -43,14 +43,13 @@
 #define RFSR_SM90WS_NARROW_PRODUCER_REGS 80
 #endif
 #ifndef RFSR_SM90WS_UNROLL_FACTORS_4B
-#define RFSR_SM90WS_UNROLL_FACTORS_4B 0
+#define RFSR_SM90WS_UNROLL_FACTORS_4B 1
 #endif
 // Pinned copy plans (SwizzledRowPlan::pin): without, the persistent producer recomputed the swizzled offsets for
 // every copy and ran at half speed with 4-byte rows (fwd-ws-h200-2026-11-27.md, 7b).
 #ifndef RFSR_SM90WS_PIN_PLANS
 #define RFSR_SM90WS_PIN_PLANS 1
 #endif
-
 
 namespace rfsr {
 namespace sm90 {
