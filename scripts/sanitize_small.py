@@ -21,6 +21,8 @@ CASES = [  # B, N, H, D, R, dtype, batched factors
 # kernel's ring wraps around, with even and odd ranks (cp.async and plain-store factor copies)
 SM90_CASES = [  # B, N, H, D, R, dtype
     (2, 700, 2, 30, 18, torch.bfloat16),
+    (300, 200, 1, 30, 18, torch.bfloat16),  # more work items than CTAs: each persistent CTA walks several windows
+    (200, 130, 2, 16, 7, torch.float16),
     (1, 1000, 1, 32, 7, torch.float16),
     (3, 70, 2, 16, 0, torch.bfloat16),
 ]

@@ -230,6 +230,19 @@ def test_large_batch():
 
 # --- behaviour -----------------------------------------------------------------------------------------------------
 
+def test_windows_do_not_leak():
+    # Non-finite values in one window must not reach another: the wgmma kernel's persistent CTAs reuse shared-memory
+    # slots across windows, so a partial key tile's rows past N must be zeros, not the previous window's keys.
+    B, N, H, D, R = 400, 200, 1, 30, 18
+    q, k, v, bq, bk = make_inputs(B, N, H, D, R, torch.bfloat16, False, seed=11)
+    k[0] = float("inf")
+    v[0] = float("nan")
+    out, _ = run_fwd(q, k, v, bq, bk, D ** -0.5)
+    ref, _ = reference(q[1:], k[1:], v[1:], bq, bk, D ** -0.5)
+    assert torch.isfinite(out[1:]).all()
+    assert rel_err(out[1:], ref) <= TOL[torch.bfloat16]
+
+
 def test_deterministic():
     q, k, v, bq, bk = make_inputs(8, 300, 4, 30, 18, torch.bfloat16, False, seed=9)
     a, la = run_fwd(q, k, v, bq, bk, 0.2)

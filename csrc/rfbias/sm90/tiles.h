@@ -72,6 +72,13 @@ struct SwizzledRowPlan {
     }
     s_step = kIts > 1 ? int(&s(row + kRowsPerIt, col0) - base) - s_off[0] : 0;
   }
+  // Makes the per-thread offsets opaque to the compiler, so that a loop over many tiles keeps them in registers
+  // rather than recomputing the swizzle for every copy.
+  __device__ __forceinline__ void pin() {
+    CUTE_UNROLL
+    for (int u = 0; u < kUnits; ++u) asm volatile("" : "+r"(s_off[u]));
+    asm volatile("" : "+r"(s_step));
+  }
   // Copies columns [0, D) of rows [r0, r0 + valid_rows) of the head into the tile at `dst`; `shift` (elements)
   // moves the source, e.g. to another window of the same head. Full tiles (all but a window's last) take a version
   // without per-row tests.
@@ -102,6 +109,26 @@ struct SwizzledRowPlan {
         }
       }
       g += step;
+    }
+  }
+  // Rows [valid_rows, kRows) of the tile as zeros (zero-filling cp.async: nothing is read from `any`, a readable
+  // address), for a slot that may hold another window's rows.
+  __device__ __forceinline__ void zero_tail(Element* dst, int valid_rows, const Element* any) const {
+    CUTE_UNROLL
+    for (int it = 0; it < kIts; ++it) {
+      const int r = row + it * kRowsPerIt;
+      if (r >= valid_rows && (kRows % kRowsPerIt == 0 || r < kRows)) {
+        CUTE_UNROLL
+        for (int u = 0; u < kUnits; ++u) {
+          if (col_ok[u]) {
+            if constexpr (kVec == 8) {
+              dev::cp_async_16(dst + s_off[u] + it * s_step, any, false);
+            } else {
+              dev::cp_async_4(dst + s_off[u] + it * s_step, any, false);
+            }
+          }
+        }
+      }
     }
   }
 };
@@ -140,6 +167,11 @@ struct SwizzledFactorPlan {
   // than the copies); the vec2 test and the units per thread (kK, a template argument: only the last copy of a row is
   // predicated) are outside it. A loop over kMaxK predicated copies cost ~55 instructions a row at R = 34 with one
   // warpgroup copying, and made that rank twice as slow as R = 32 in the warp-specialised forward.
+  __device__ __forceinline__ void pin() {  // as SwizzledRowPlan::pin
+    CUTE_UNROLL
+    for (int k = 0; k < kMaxK; ++k) asm volatile("" : "+r"(s_off[k]));
+    asm volatile("" : "+r"(s_step));
+  }
   // kTileRows (the tile's rows, 0: unknown) enables the unrolled copy of full tiles below.
   template <int kTileRows = 0, typename Element>
   __device__ __forceinline__ void copy(Element* dst, const Element* g, int64_t row_stride, int valid_rows, bool vec2,
@@ -204,6 +236,27 @@ struct SwizzledFactorPlan {
             uint16_t x = *reinterpret_cast<const uint16_t*>(src + k * src_k);
             if (mult != 1.0f) x = dev::Pack2<Element>::scale1(x, mult);
             *reinterpret_cast<uint16_t*>(dst + s_off[k] + row_off) = x;
+          }
+        }
+      }
+    }
+  }
+  // Rows [valid_rows, rows) of the factor columns as zeros: zero-filling cp.async (`any` is a readable address; nothing
+  // is read) with vec2, plain stores otherwise.
+  template <typename Element>
+  __device__ __forceinline__ void zero_tail(Element* dst, const Element* any, int valid_rows, int rows,
+                                            bool vec2) const {
+    if (!active) return;
+    const int first = row + max(0, (valid_rows - row + rows_per_it - 1) / rows_per_it) * rows_per_it;
+    int row_off = (first - row) / rows_per_it * s_step;
+    for (int r = first; r < rows; r += rows_per_it, row_off += s_step) {
+      CUTE_UNROLL
+      for (int k = 0; k < kMaxK; ++k) {  // constant indices keep s_off in registers
+        if (k < nk) {
+          if (vec2) {
+            dev::cp_async_4(dst + s_off[k] + row_off, any, false);
+          } else {
+            *reinterpret_cast<uint16_t*>(dst + s_off[k] + row_off) = uint16_t(0);
           }
         }
       }
