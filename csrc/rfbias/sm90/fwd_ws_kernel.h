@@ -13,7 +13,9 @@
 //   * CTAs are persistent (as many as fit on the device at once, each walking work items w, w + grid, ...): the ring
 //     carries on across items, and the producer stages the next item's query tiles into the second of two query
 //     buffers while the consumers finish the current item (without this the consumers spent about a tenth of their
-//     time waiting for the first query tile of each CTA; benchmarks/results/fwd-ws-h200-2026-11-27.md, 4).
+//     time waiting for the first query tile of each CTA; benchmarks/results/fwd-ws-h200-2026-11-27.md, 4). The
+//     producer's copy plans are pinned (tiles.h, pin()) so that they stay in registers across items: recomputed per
+//     copy, they made the producer the bottleneck with 4-byte rows (same notes, 8).
 // Where the launch bound leaves the consumers too few registers (several CTAs per SM, three consumers), registers
 // move from the producer to them (setmaxnreg). Shared-memory tiles and copy plans: tiles.h (GMMA canonical swizzled
 // layouts, SwizzledRowPlan / SwizzledFactorPlan). The binding takes this kernel for the large
