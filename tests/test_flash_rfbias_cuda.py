@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 
+from _path_probe import runs_with_env
+
 cuda_ok = torch.cuda.is_available()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not cuda_ok, reason="needs a CUDA device")]
 
@@ -38,21 +40,13 @@ def _sm90_path_available() -> bool:
     9.0, or RFSR_KERNELS=all,sm90); otherwise RFSR_FWD_PATH=sm90 raises."""
     if not cuda_ok or torch.cuda.get_device_capability()[0] != 9:
         return False
-    import os
-    old = os.environ.get("RFSR_FWD_PATH")
-    os.environ["RFSR_FWD_PATH"] = "sm90"
-    try:
+
+    def tiny_fwd():
         q = torch.zeros(1, 1, 1, 30, device="cuda", dtype=torch.bfloat16)
         b = torch.zeros(1, 1, 18, device="cuda", dtype=torch.bfloat16)
         torch.ops.rfsr.flash_rfbias_fwd(q, q, q, b, b, 1.0)
-        return True
-    except (RuntimeError, ValueError):
-        return False
-    finally:
-        if old is None:
-            del os.environ["RFSR_FWD_PATH"]
-        else:
-            os.environ["RFSR_FWD_PATH"] = old
+
+    return runs_with_env("RFSR_FWD_PATH", "sm90", tiny_fwd)
 
 
 @pytest.fixture(autouse=True, params=["sm80", "sm90"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _path_probe import runs_with_env
+
 cuda_ok = torch.cuda.is_available()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not cuda_ok, reason="needs a CUDA device")]
 
@@ -32,22 +34,14 @@ def _sm90_bwd_available() -> bool:
     RFSR_BWD_PATH=sm90 raises)."""
     if not cuda_ok or torch.cuda.get_device_capability()[0] != 9:
         return False
-    import os
-    old = os.environ.get("RFSR_BWD_PATH")
-    os.environ["RFSR_BWD_PATH"] = "sm90"
-    try:
+
+    def tiny_bwd():
         x = torch.zeros(1, 1, 1, 30, device="cuda", dtype=torch.bfloat16)
         f = torch.zeros(1, 1, 18, device="cuda", dtype=torch.bfloat16)
         lse = torch.zeros(1, 1, 1, device="cuda")
         torch.ops.rfsr.flash_rfbias_bwd(x, x, x, x, f, f, x, lse, 1.0)
-        return True
-    except (RuntimeError, ValueError):
-        return False
-    finally:
-        if old is None:
-            del os.environ["RFSR_BWD_PATH"]
-        else:
-            os.environ["RFSR_BWD_PATH"] = old
+
+    return runs_with_env("RFSR_BWD_PATH", "sm90", tiny_bwd)
 
 
 @pytest.fixture(autouse=True, params=["sm80", "sm90"], scope="module")
