@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..nn import ConvFFN, LayerNorm2d, SSTBlock, Upsampler
+from ..nn import ConvFFN, LayerNorm2d, SSTBlock, SSTLayer, Upsampler
 from ..nn import set_attn_backend as _set_attn_backend
 from ..nn.attention import check_attn_backend, check_gate_type
 from ..nn.layers import check_upsampler
@@ -164,7 +164,9 @@ class SST(nn.Module):
     def prepare_inference(self, dtype: torch.dtype = torch.bfloat16) -> "SST":
         """Set the model up for fast inference and return it: eval mode, no gradients, the weights of every conv
         and LayerNorm in ``dtype`` (bf16 by default; the convs channels-last, the layout the activations use), the
-        FFN hidden widths zero-padded to multiples of 8 (``ConvFFN.pad_hidden``, exact).
+        FFN hidden widths zero-padded to multiples of 8 (``ConvFFN.pad_hidden``, exact), LayerNorm through the
+        ``rfsr::layer_norm`` op (fused with the residual add before the FFN's norm), and for widths that are not a
+        multiple of 8 (SST's 180) every 1×1 GEMM's rows padded to one (``SSTLayer.pad_channels``, exact).
 
         The RIB parameters stay float32: their factors are computed in float32 once and cached in the attention
         dtype. Activations then run in ``dtype`` end to end, with float32 inside the kernels where it matters
@@ -179,6 +181,12 @@ class SST(nn.Module):
         for m in self.modules():
             if isinstance(m, ConvFFN):
                 m.pad_hidden(8)  # same function; aligned GEMM rows (SST's 225-wide hidden layer)
+        for m in self.modules():
+            if isinstance(m, LayerNorm2d):
+                m.use_op()  # one pass per row (PyTorch's LayerNorm kernel is latency-bound on short rows)
+        for m in self.modules():
+            if isinstance(m, SSTLayer):
+                m.pad_channels(8)  # same function; aligned GEMM rows (SST's 180 channels)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 m.to(dtype=dtype, memory_format=torch.channels_last)  # cuDNN/oneDNN would convert them per call

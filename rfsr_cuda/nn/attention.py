@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import flash_rfbias, flash_rfbias_concat, flash_rfbias_reference
-from .rib import RIB, autocast_enabled, check_positive_int, conv1x1, move_words, no_autocast
+from .rib import RIB, autocast_enabled, check_positive_int, conv1x1, move_words, no_autocast, padded_width, zero_padded
 
 ATTN_BACKENDS = ("fused", "concat", "reference")
 GATE_TYPES = (None, "DWC", "Linear")
@@ -132,6 +132,7 @@ class RIBWindowAttention(RIB):
         self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
         self.to_out = nn.Conv2d(dim, dim, 1)
         self.gate = _make_gate(gate_type, dim)
+        self.width = dim  # channels in and out: more in the padded inference layout (pad_channels)
         self._indices: dict = {}  # (H, W, device) -> gather indices of _window_indices
 
     def _apply(self, fn, *args, **kwargs):
@@ -140,6 +141,35 @@ class RIBWindowAttention(RIB):
 
     def set_attn_backend(self, name: str) -> None:
         self.attn_backend = check_attn_backend(name)
+
+    def pad_channels(self, width: int, multiple: int = 8) -> None:
+        """Take and return ``width`` >= dim channels (the extra inputs get zero weights, the extra outputs are zero),
+        and write q, k, v into rows of ``padded_width(3·dim, multiple)``: every 1×1 GEMM then has 16-byte-aligned
+        rows (``SSTLayer.pad_channels``). The function is unchanged; for inference only."""
+        C, width = self.dim, check_positive_int(width, "width")
+        if width < C:
+            raise ValueError(f"width must be >= dim ({C}), got {width}")
+        qkv_width = padded_width(3 * C, check_positive_int(multiple, "multiple"))
+        with torch.no_grad():
+            w = self.to_qkv.weight
+            self.to_qkv.weight = zero_padded(w, (qkv_width, width, *w.shape[2:]))
+            self.to_qkv.bias = zero_padded(self.to_qkv.bias, (qkv_width,))
+            w = self.to_out.weight
+            self.to_out.weight = zero_padded(w, (width, width, *w.shape[2:]))
+            self.to_out.bias = zero_padded(self.to_out.bias, (width,))
+            # the gate's extra channels come out as sigmoid(0) = 0.5: finite, and to_out gives them zero weights
+            for conv in self.gate or ():
+                if isinstance(conv, nn.Conv2d):
+                    w = conv.weight
+                    depthwise = conv.groups > 1
+                    conv.weight = zero_padded(w, (width, *w.shape[1:]) if depthwise else (width, width, *w.shape[2:]))
+                    conv.bias = zero_padded(conv.bias, (width,))
+                    conv.in_channels = conv.out_channels = width
+                    if depthwise:
+                        conv.groups = width
+        self.to_qkv.in_channels, self.to_qkv.out_channels = width, qkv_width
+        self.to_out.in_channels = self.to_out.out_channels = width
+        self.width = width
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         bias_q, bias_k = self.factors(device=q.device, dtype=q.dtype)
@@ -170,9 +200,10 @@ class RIBWindowAttention(RIB):
         return idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"x must be (B, {self.dim}, H, W), got shape {list(x.shape)}")
-        B, C, H, W = x.shape
+        if x.dim() != 4 or x.shape[1] != self.width:
+            raise ValueError(f"x must be (B, {self.width}, H, W), got shape {list(x.shape)}")
+        B, _, H, W = x.shape
+        C = self.dim
         wh, ww = self.window_size
         pad_h, pad_w = -H % wh, -W % ww
         if pad_h >= H or pad_w >= W:
@@ -186,6 +217,8 @@ class RIBWindowAttention(RIB):
         # 1×1 conv as a GEMM over channels-last pixels (a view when x is channels-last): the channel dim ends up
         # last with unit stride.
         qkv = F.linear(x.permute(0, 2, 3, 1), self.to_qkv.weight.flatten(1), self.to_qkv.bias)
+        if qkv.shape[-1] != 3 * C:  # padded rows (pad_channels): q, k, v are the first 3·C columns
+            qkv = qkv[..., :3 * C]
         dtype = op_dtype(self.attn_backend, qkv.device.type, qkv.dtype)
         reindex = bool(pad_h or pad_w or self.shift)
         if reindex:
@@ -193,7 +226,7 @@ class RIBWindowAttention(RIB):
             # pad + shift + partition: one gather -> (B, nh, nw, wh, ww, 3C)
             windows = move_words(qkv.to(dtype), lambda t: t[:, rows, cols])
         else:  # partition only: one copy, fused with any dtype cast
-            windows = _contiguous(qkv.view(B, nh, wh, nw, ww, 3 * C).permute(0, 1, 3, 2, 4, 5), dtype)
+            windows = _contiguous(qkv.unflatten(1, (nh, wh)).unflatten(3, (nw, ww)).permute(0, 1, 3, 2, 4, 5), dtype)
         # q, k, v are strided views of the partition buffer: (B·nh·nw, N, 3, heads, D)[:, :, i]
         windows = windows.view(B * nh * nw, N, 3, self.num_heads, -1)
         out = self._attend(windows[:, :, 0], windows[:, :, 1], windows[:, :, 2])  # (B·nh·nw, N, heads, D)
@@ -204,21 +237,42 @@ class RIBWindowAttention(RIB):
         out = out.view(B, nh, nw, wh, ww, C) if out.is_contiguous() \
             else out.view(B, nh, nw, wh, ww, self.num_heads, -1)
         autocast = autocast_enabled(out.device.type)
+        padded = self.width != C
         if reindex:  # merge + unshift + crop: one gather -> (B, H, W, C)
             out = move_words(out, lambda t: t[:, win_r, win_c, off_r, off_c]).reshape(B, H, W, C)
-            if gate is not None:
+            if padded:  # into rows of `width` for to_out, the gate's buffer when there is one
+                out = self._into_padded(out, gate, B, H, W)
+            elif gate is not None:
                 out = out * gate.permute(0, 2, 3, 1)
         else:
             out = out.permute(0, 1, 3, 2, 4, 5, *range(6, out.dim()))  # (B, nh, wh, nw, ww, C or heads, D), a view
-            if gate is not None:  # the product is the merge copy (gate first: its layout is the output's)
+            if padded:
+                out = self._into_padded(out, gate, B, H, W)
+            elif gate is not None:  # the product is the merge copy (gate first: its layout is the output's)
                 out = gate.permute(0, 2, 3, 1).reshape(out.shape) * out
             elif not autocast:
                 out = _contiguous(out, act_dtype)  # the merge copy, fused with any cast back
-            out = out.reshape(B, H, W, C)
+            if not padded:
+                out = out.reshape(B, H, W, C)
         if out.dtype != act_dtype and not autocast:  # (under autocast to_out casts anyway)
             out = out.to(act_dtype)  # e.g. bf16 attention in a float32 model
         out = F.linear(out, self.to_out.weight.flatten(1), self.to_out.bias)
         return out.permute(0, 3, 1, 2)
+
+    def _into_padded(self, out: torch.Tensor, gate: torch.Tensor | None, B: int, H: int, W: int) -> torch.Tensor:
+        """The attention output times the gate in the first C channels of (B, H, W, width) rows for to_out: the
+        gate's own buffer (its extra channels are finite, and to_out gives them zero weights), else zeros. ``out`` is
+        (B, H, W, C), or the merge view (B, nh, wh, nw, ww, C or heads, D) of an unpadded window grid."""
+        buf = gate.permute(0, 2, 3, 1) if gate is not None else out.new_zeros((B, H, W, self.width))
+        dst = buf if out.dim() == 4 else buf.view(*out.shape[:5], self.width)
+        dst = dst[..., :self.dim]
+        if out.dim() == 7:
+            dst = dst.unflatten(-1, out.shape[5:])
+        if gate is None:
+            dst.copy_(out)
+        else:
+            dst.mul_(out)
+        return buf
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, {super().extra_repr()}, shift={self.shift}, gate_type={self.gate_type}, "

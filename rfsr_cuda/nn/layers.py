@@ -13,23 +13,71 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import RIBWindowAttention
-from .rib import check_positive_int, conv1x1
+from .rib import check_positive_int, conv1x1, padded_width, zero_padded
 
 UPSAMPLER_TYPES = ("pixelshuffle_direct", "pixelshuffle", "nn+conv")
 
 
+def _channels(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n channels of (B, C, H, W) t (the real ones of the padded layout)."""
+    return t if t.shape[1] == n else t[:, :n]
+
+
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of a ``(B, C, H, W)`` tensor (eps 1e-6, affine), as SST's channels-first LN."""
+    """LayerNorm over the channels of a ``(B, C, H, W)`` tensor (eps 1e-6, affine), as SST's channels-first LN.
+
+    ``use_op()`` (inference, ``SST.prepare_inference``) moves it to the ``rfsr::layer_norm`` op: one pass over
+    channels-last rows, optionally fused with the residual add before it (``add_norm``), and an output ``width``
+    above C whose extra channels are zero, so the GEMMs after it read 16-byte-aligned rows (SST's 180 channels).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+        self.fused = False
+        self.width = dim
+
+    def use_op(self, width: int | None = None) -> "LayerNorm2d":
+        """Normalise through ``rfsr::layer_norm`` into ``width`` >= C channels (extra channels zero). No autograd:
+        for inference."""
+        dim = self.weight.shape[0]
+        width = dim if width is None else check_positive_int(width, "width")
+        if width < dim:
+            raise ValueError(f"width must be >= the {dim} channels, got {width}")
+        self.fused, self.width = True, width
+        return self
+
+    def _op(self, x: torch.Tensor) -> bool:
+        # the op has no autograd formula: anything that needs gradients takes the ATen route
+        return self.fused and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                                                or self.bias.requires_grad))
+
+    def _aten(self, s: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(s.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
+        if self.width > out.shape[-1]:
+            out = F.pad(out, (0, self.width - out.shape[-1]))
+        return out.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps) \
-            .permute(0, 3, 1, 2)
+        if self._op(x):
+            return torch.ops.rfsr.layer_norm(x.permute(0, 2, 3, 1), self.weight, self.bias, self.eps, self.width) \
+                .permute(0, 3, 1, 2)
+        return self._aten(x)
+
+    def add_norm(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, norm(s))`` for ``s = x + y``; ``y`` may have extra channels past x's (the padded layout; ignored)."""
+        C = x.shape[1]
+        if self._op(x) and not y.requires_grad:
+            normed, s = torch.ops.rfsr.add_layer_norm(x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)[..., :C],
+                                                      self.weight, self.bias, self.eps, self.width)
+            return s.permute(0, 3, 1, 2), normed.permute(0, 3, 1, 2)
+        s = x + _channels(y, C)
+        return s, self._aten(s)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (f", fused, width={self.width}" if self.fused else "")
 
 
 class ConvFFN(nn.Module):
@@ -54,18 +102,27 @@ class ConvFFN(nn.Module):
         extra = -hidden % check_positive_int(multiple, "multiple")
         if not extra:
             return
-
-        def grown(t: torch.Tensor, dim: int) -> nn.Parameter:
-            pad = t.new_zeros(*t.shape[:dim], extra, *t.shape[dim + 1:])
-            return nn.Parameter(torch.cat([t.detach(), pad], dim), requires_grad=t.requires_grad)
-
+        p, d, a = self.proj.weight, self.dwc.weight, self.agg.weight
         with torch.no_grad():
-            self.proj.weight, self.proj.bias = grown(self.proj.weight, 0), grown(self.proj.bias, 0)
-            self.dwc.weight, self.dwc.bias = grown(self.dwc.weight, 0), grown(self.dwc.bias, 0)
-            self.agg.weight = grown(self.agg.weight, 1)
+            self.proj.weight = zero_padded(p, (hidden + extra, *p.shape[1:]))
+            self.proj.bias = zero_padded(self.proj.bias, (hidden + extra,))
+            self.dwc.weight = zero_padded(d, (hidden + extra, *d.shape[1:]))
+            self.dwc.bias = zero_padded(self.dwc.bias, (hidden + extra,))
+            self.agg.weight = zero_padded(a, (a.shape[0], hidden + extra, *a.shape[2:]))
         hidden += extra
         self.proj.out_channels = self.dwc.in_channels = self.dwc.out_channels = self.dwc.groups = hidden
         self.agg.in_channels = hidden
+
+    def pad_io(self, width: int) -> None:
+        """Take ``width`` >= dim input channels (extra ones ignored: zero weights) and give ``width`` output channels
+        (extra ones zero): the padded layout of ``SSTLayer.pad_channels``. For inference only."""
+        with torch.no_grad():
+            w = self.proj.weight
+            self.proj.weight = zero_padded(w, (w.shape[0], width, *w.shape[2:]))
+            w = self.agg.weight
+            self.agg.weight = zero_padded(w, (width, *w.shape[1:]))
+            self.agg.bias = zero_padded(self.agg.bias, (width,))
+        self.proj.in_channels = self.agg.out_channels = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(conv1x1(x, self.proj))
@@ -87,16 +144,45 @@ class SSTLayer(nn.Module):
         self.norm_ffn = LayerNorm2d(dim)
         self.ffn = ConvFFN(dim, exp_ratio)
 
+    def pad_channels(self, multiple: int = 8) -> None:
+        """Inference layout for a width that is not a multiple of ``multiple`` (SST's 180): both norms write
+        ``padded_width(dim)`` channels, the extra ones zero, and the attention and the FFN take and return that many
+        (zero weights on the extra inputs, zero outputs), so every 1×1 GEMM reads and writes 16-byte-aligned rows;
+        cuBLAS runs the 2-byte-aligned ones several times slower. The residual stream keeps ``dim`` channels. The
+        function is unchanged. Needs the norms on the op (``LayerNorm2d.use_op``); for inference only."""
+        dim = self.norm_attn.weight.shape[0]
+        width = padded_width(dim, check_positive_int(multiple, "multiple"))
+        if width == dim:
+            return
+        self.norm_attn.use_op(width)
+        self.norm_ffn.use_op(width)
+        self.attn.pad_channels(width, multiple)
+        self.ffn.pad_io(width)
+
+    def forward_deferred(self, x: torch.Tensor, pending: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer on ``x + pending`` (``x`` when None), returning ``(s, f)`` whose sum ``s + f`` is the output:
+        each residual add is left to the LayerNorm that follows it (``add_norm``, one pass on the op route), the
+        next layer's included (SSTBlock). ``pending`` and ``f`` may carry extra zero channels (pad_channels)."""
+        if pending is None:
+            h = self.norm_attn(x)
+        else:
+            x, h = self.norm_attn.add_norm(x, pending)
+        x, h = self.norm_ffn.add_norm(x, self.attn(h))
+        return x, self.ffn(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_attn(x))
-        return x + self.ffn(self.norm_ffn(x))
+        x, f = self.forward_deferred(x)
+        return x + _channels(f, x.shape[1])
 
 
 class SSTBlock(nn.Sequential):
     """One residual group (the official ``SSTB``): a layer per window size, then a 3×3 conv, plus the input.
 
     Layers shift (odd ones, by half a window) only when all window sizes are equal: with cyclic window sizes the
-    changing window grid already mixes across borders.
+    changing window grid already mixes across borders. The layers run through ``SSTLayer.forward_deferred``, which
+    leaves each FFN's residual add to the next layer's first LayerNorm (same function; forward hooks on the layers
+    themselves do not run, those on their submodules do).
     """
 
     def __init__(self, dim: int, window_sizes: Sequence[int], num_heads: Sequence[int], ranks: Sequence[int], *,
@@ -113,7 +199,10 @@ class SSTBlock(nn.Sequential):
         ], nn.Conv2d(dim, dim, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + super().forward(x)
+        h, f = x, None
+        for layer in list(self)[:-1]:
+            h, f = layer.forward_deferred(h, f)
+        return x + self[-1](h + _channels(f, h.shape[1]))
 
 
 def check_upsampler(upsampler_type, upscaling_factor) -> None:

@@ -87,6 +87,19 @@ def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.linear(xl, conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
 
 
+def padded_width(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+def zero_padded(t: torch.Tensor, sizes: Sequence[int], value: float = 0.0) -> nn.Parameter:
+    """``t`` grown to ``sizes`` (each dim >= t's; new entries ``value``), as a parameter that requires grad as
+    ``t`` does: the zero-padded weights of the inference layouts (``ConvFFN.pad_hidden``, ``pad_channels``)."""
+    out = t.new_full(tuple(sizes), value)
+    out[tuple(slice(0, n) for n in t.shape)] = t.detach()
+    return nn.Parameter(out, requires_grad=t.requires_grad)
+
+
 def move_words(t: torch.Tensor, fn):
     """``fn(t)`` for pure data movement (a gather, a permuted copy) that keeps the last dim whole, run on the
     widest integer view of that dim: 4 bf16 values per 8-byte word, so a quarter of the elements to index.

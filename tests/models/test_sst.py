@@ -311,6 +311,27 @@ def test_bf16_fast_path_every_upsampler_and_gate(upsampler, gate):
     assert rel_l2(got, expected) < 3e-2 and rel_l2(half, expected) < 3e-2
 
 
+@pytest.mark.parametrize("windows", [[4, 8], [8, 8]])  # cyclic windows; equal windows (shifts)
+def test_prepare_inference_layout_is_exact(windows):
+    # float64 end to end: the op LayerNorm, the fused residual adds and the padded channels (12 -> 16, q, k, v
+    # 36 -> 40 columns) change nothing but rounding
+    torch.manual_seed(0)
+    model = SST(**tiny(window_sizes=windows, num_heads=[3, 3], ranks=[4, 5])).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(2, 3, 16, 21, dtype=torch.float64)  # pads to every window, and 16 rows fit them exactly
+    with torch.no_grad():
+        expected = model(x)
+        model.prepare_inference(torch.float64)
+        got = model(x)
+    layer = model.body[0][0]
+    assert layer.norm_attn.fused and layer.norm_attn.width == 16 and layer.attn.width == 16
+    assert layer.attn.to_qkv.weight.shape[:2] == (40, 16) and layer.ffn.agg.weight.shape[0] == 16
+    assert model.body[-2].fused and model.body[-2].width == 12  # the body's last norm feeds a 3×3 conv: unpadded
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
 def test_activations_stay_channels_last():
     model = SST(**tiny())
     layouts = []

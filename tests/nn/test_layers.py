@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rfsr_cuda.nn import ConvFFN, LayerNorm2d, SSTBlock, Upsampler, resize_up_conv, up_conv_scale
+from rfsr_cuda.nn import ConvFFN, LayerNorm2d, SSTBlock, SSTLayer, Upsampler, resize_up_conv, up_conv_scale
 
 
 def test_layernorm2d_normalises_channels():
@@ -108,3 +108,55 @@ def test_convffn_pad_hidden_is_exact(dim, ratio, padded):
         torch.testing.assert_close(ffn(x.contiguous(memory_format=layout)), expected, rtol=0, atol=1e-12)
     ffn.pad_hidden(8)  # already aligned: nothing changes
     assert ffn.proj.weight.shape[0] == padded
+
+
+@pytest.mark.parametrize("width", [5, 8])
+def test_layernorm2d_op_route_matches_aten(width):
+    ln = LayerNorm2d(5).double()
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = torch.randn(2, 7, 3, 4, dtype=torch.float64)  # a residual with extra (ignored) channels
+    expected_sum = x + y[:, :5]
+    expected = ln(expected_sum)
+    fused = LayerNorm2d(5).double()
+    fused.load_state_dict(ln.state_dict())
+    assert fused.use_op(width) is fused and fused.width == width
+    with torch.no_grad():
+        got = fused(expected_sum)
+        s, n = fused.add_norm(x, y)
+    for out in (got, n):
+        assert out.shape == (2, width, 3, 4)
+        torch.testing.assert_close(out[:, :5], expected, rtol=0, atol=1e-12)
+        assert (out[:, 5:] == 0).all()
+    torch.testing.assert_close(s, expected_sum, rtol=0, atol=0)
+    # with gradients the ATen route runs (the op has no autograd formula), padded the same way
+    got = fused(expected_sum.requires_grad_())
+    assert got.requires_grad and got.shape == (2, width, 3, 4)
+    torch.testing.assert_close(got[:, :5], expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="width must be >= the 5 channels"):
+        LayerNorm2d(5).use_op(4)
+
+
+@pytest.mark.parametrize("gate", ["DWC", "Linear", None])
+@pytest.mark.parametrize("hw, shift", [((16, 24), False), ((16, 24), True), ((13, 21), False)])
+@pytest.mark.parametrize("backend", ["fused", "concat", "reference"])
+def test_sstlayer_pad_channels_is_exact(gate, hw, shift, backend):
+    # dim 20: rows of 40 bytes; padded to 24 channels (and q, k, v to 64 columns)
+    layer = SSTLayer(20, 8, 2, 4, shift=shift, gate_type=gate, rib_hidden_dim=8, rib_n_freqs=2, attn_backend=backend)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    layer = layer.double().eval()
+    x = torch.randn(2, 20, *hw, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = layer(x)
+        layer.pad_channels(8)
+        got = layer(x)
+    assert layer.attn.width == 24 and layer.norm_ffn.width == 24 and layer.attn.to_qkv.weight.shape[:2] == (64, 24)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    aligned = SSTLayer(24, 8, 2, 4, rib_hidden_dim=8, rib_n_freqs=2)
+    aligned.pad_channels(8)  # already a multiple of 8: unchanged
+    assert aligned.attn.width == 24 and not aligned.norm_attn.fused

@@ -1,0 +1,23 @@
+// rfsr::layer_norm / rfsr::add_layer_norm: argument checks and the ATen implementation, shared by the CPU
+// registration (layer_norm_op.cpp) and the CUDA binding (layer_norm_cuda.cpp), which falls back to it for rows
+// wider than its kernel takes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace rfsr {
+
+// Checks x (..., C), the optional residual y (same shape), weight and bias (C,), eps and the output width;
+// returns C. Errors are ValueError / TypeError naming the argument.
+int64_t check_layer_norm_inputs(const at::Tensor& x, const std::optional<at::Tensor>& y, const at::Tensor& weight,
+                                const at::Tensor& bias, double eps, int64_t width);
+
+// (normalised rows (..., width) with zero columns past C, the sum x + y (..., C) or an undefined tensor without y).
+std::tuple<at::Tensor, at::Tensor> layer_norm_aten(const at::Tensor& x, const std::optional<at::Tensor>& y,
+                                                   const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                                   int64_t width);
+
+}  // namespace rfsr
