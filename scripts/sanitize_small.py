@@ -1,8 +1,10 @@
 """Small forward + backward calls of the CUDA kernels, for compute-sanitizer (memcheck, racecheck).
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_small.py
+    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_small.py [--only attention|model-ops]
 Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so out-of-bounds accesses are not hidden inside cached blocks.
+"model-ops" are the LayerNorm and depthwise-conv kernels of the model's inference path.
 """
+import argparse
 import os
 
 import torch
@@ -52,8 +54,46 @@ def _tiny_bwd():
     torch.ops.rfsr.flash_rfbias_bwd(x, x, x, x, f, f, x, torch.zeros(1, 1, 1, device="cuda"), 1.0)
 
 
+# rfsr::layer_norm / add_layer_norm: rows x channels -> width, dtype, residual; tails of every access width, rows that
+# do not fill a block, strided rows
+LN_CASES = [((1, 1), 1, torch.bfloat16, False), ((37, 180), 184, torch.bfloat16, True), ((5, 48), 56, torch.float16, True),
+            ((3, 2048), 2048, torch.bfloat16, False), ((7, 3), 8, torch.float32, True), ((129, 1000), 1000, torch.float32, False)]
+# rfsr::depthwise_conv3x3: (B, C, H, W), dtype; heights that are not a multiple of the 4-row strips, odd channels
+DW_CASES = [((1, 3, 5, 7), torch.bfloat16), ((2, 232, 9, 13), torch.bfloat16), ((1, 184, 4, 130), torch.float16),
+            ((1, 8, 3, 3), torch.float32), ((2, 6, 1, 1), torch.bfloat16)]
+
+
+def model_ops():
+    for (rows, C), width, dt, residual in LN_CASES:
+        x = torch.randn(rows, C + 2, device="cuda", dtype=dt)[:, :C]  # rows of a wider buffer
+        w, b = torch.randn(C, device="cuda", dtype=dt), torch.randn(C, device="cuda")
+        w = w.float() if dt != torch.float32 and residual else w  # float32 and same-dtype parameters
+        b = b.to(w.dtype)
+        if residual:
+            out, s = torch.ops.rfsr.add_layer_norm(x, torch.randn_like(x), w, b, 1e-6, width)
+        else:
+            out = torch.ops.rfsr.layer_norm(x, w, b, 1e-6, width)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all() and (out[:, C:] == 0).all(), ("layer_norm", rows, C, width)
+    for (B, C, H, W), dt in DW_CASES:
+        x = torch.randn(B, C, H, W, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
+        taps, bias = torch.randn(3, 3, C, device="cuda"), torch.randn(C, device="cuda")
+        for gelu, residual in ((True, True), (False, False)):
+            out = torch.ops.rfsr.depthwise_conv3x3(x, taps, bias, gelu, residual)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all(), ("depthwise_conv3x3", B, C, H, W)
+
+
 def main():
+    ap = argparse.ArgumentParser(description="small CUDA kernel calls for compute-sanitizer")
+    ap.add_argument("--only", choices=["attention", "model-ops"], default=None)
+    only = ap.parse_args().only
     torch.manual_seed(0)
+    if only != "attention":
+        model_ops()
+    if only == "model-ops":
+        print("sanitize_small: ok")
+        return
     hopper = torch.cuda.get_device_capability()[0] == 9
     if hopper and _runs("RFSR_FWD_PATH", "sm90", _tiny_fwd):
         os.environ["RFSR_FWD_PATH"] = "sm90"

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..nn import ConvFFN, LayerNorm2d, SSTBlock, SSTLayer, Upsampler
 from ..nn import set_attn_backend as _set_attn_backend
-from ..nn.attention import check_attn_backend, check_gate_type
+from ..nn.attention import RIBWindowAttention, check_attn_backend, check_gate_type
 from ..nn.layers import check_upsampler
 from ..nn.rib import autocast_enabled, check_positive_int
 
@@ -165,8 +165,9 @@ class SST(nn.Module):
         """Set the model up for fast inference and return it: eval mode, no gradients, the weights of every conv
         and LayerNorm in ``dtype`` (bf16 by default; the convs channels-last, the layout the activations use), the
         FFN hidden widths zero-padded to multiples of 8 (``ConvFFN.pad_hidden``, exact), LayerNorm through the
-        ``rfsr::layer_norm`` op (fused with the residual add before the FFN's norm), and for widths that are not a
-        multiple of 8 (SST's 180) every 1×1 GEMM's rows padded to one (``SSTLayer.pad_channels``, exact).
+        ``rfsr::layer_norm`` op (fused with the residual adds before it), the depthwise convs through
+        ``rfsr::depthwise_conv3x3`` (with their bias, and the FFN's GELU and residual), and for widths that are not
+        a multiple of 8 (SST's 180) every 1×1 GEMM's rows padded to one (``SSTLayer.pad_channels``, exact).
 
         The RIB parameters stay float32: their factors are computed in float32 once and cached in the attention
         dtype. Activations then run in ``dtype`` end to end, with float32 inside the kernels where it matters
@@ -192,6 +193,9 @@ class SST(nn.Module):
                 m.to(dtype=dtype, memory_format=torch.channels_last)  # cuDNN/oneDNN would convert them per call
             elif isinstance(m, LayerNorm2d):
                 m.to(dtype=dtype)
+        for m in self.modules():  # after the cast: the ops get exactly the weights the modules hold
+            if isinstance(m, (ConvFFN, RIBWindowAttention)):
+                m.use_op()  # the depthwise convs with their bias, GELU and residual in one pass
         return self
 
     @property

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import flash_rfbias, flash_rfbias_concat, flash_rfbias_reference
+from ..ops import depthwise_taps, flash_rfbias, flash_rfbias_concat, flash_rfbias_reference, op_param
 from .rib import RIB, autocast_enabled, check_positive_int, conv1x1, move_words, no_autocast, padded_width, zero_padded
 
 ATTN_BACKENDS = ("fused", "concat", "reference")
@@ -179,12 +179,23 @@ class RIBWindowAttention(RIB):
                 return op(q, k, v, bias_q, bias_k, self.head_dim ** -0.5)
         return op(q, k, v, bias_q, bias_k, self.head_dim ** -0.5)
 
+    def use_op(self) -> None:
+        """Run the DWC gate's depthwise conv (with its bias) as ``rfsr::depthwise_conv3x3`` (taps taken from the
+        weights now; no autograd): for inference, after any change to the weights (``SST.prepare_inference``)."""
+        if self.gate_type == "DWC":
+            self.register_buffer("_gate_taps", depthwise_taps(self.gate[0].weight), persistent=False)
+            self.register_buffer("_gate_bias", op_param(self.gate[0].bias), persistent=False)
+
     def _gate(self, x: torch.Tensor) -> torch.Tensor | None:
         # the Sequential of the official layout, its 1×1 conv as a GEMM (conv1x1)
         if self.gate is None:
             return None
         if self.gate_type == "DWC":
-            return torch.sigmoid(conv1x1(self.gate[0](x), self.gate[1]))
+            if getattr(self, "_gate_taps", None) is not None and not (torch.is_grad_enabled() and x.requires_grad):
+                h = torch.ops.rfsr.depthwise_conv3x3(x, self._gate_taps, self._gate_bias, False, False)
+            else:
+                h = self.gate[0](x)
+            return torch.sigmoid(conv1x1(h, self.gate[1]))
         return torch.sigmoid(conv1x1(x, self.gate[0]))
 
     def _gather_indices(self, H: int, W: int, device) -> tuple[torch.Tensor, ...]:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import depthwise_taps, op_param
 from .attention import RIBWindowAttention
 from .rib import check_positive_int, conv1x1, padded_width, zero_padded
 
@@ -124,9 +125,18 @@ class ConvFFN(nn.Module):
             self.agg.bias = zero_padded(self.agg.bias, (width,))
         self.proj.in_channels = self.agg.out_channels = width
 
+    def use_op(self) -> None:
+        """Run ``x + gelu(dwc(x))`` as one ``rfsr::depthwise_conv3x3`` call (taps taken from the weights now, in
+        float32; no autograd): for inference, after any change to the weights (``SST.prepare_inference``)."""
+        self.register_buffer("_dw_taps", depthwise_taps(self.dwc.weight), persistent=False)
+        self.register_buffer("_dw_bias", op_param(self.dwc.bias), persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(conv1x1(x, self.proj))
-        x = x + F.gelu(self.dwc(x))
+        if getattr(self, "_dw_taps", None) is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            x = torch.ops.rfsr.depthwise_conv3x3(x, self._dw_taps, self._dw_bias, True, True)
+        else:
+            x = x + F.gelu(self.dwc(x))
         return conv1x1(x, self.agg)
 
 

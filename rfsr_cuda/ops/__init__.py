@@ -1,6 +1,8 @@
-"""The attention op and its oracle; the padded LayerNorm op of the inference path."""
+"""The attention op and its oracle; the LayerNorm and depthwise-conv ops of the model's inference path."""
+from .depthwise import depthwise_conv3x3, depthwise_taps, op_param
 from .flash_rfbias import flash_rfbias
 from .layer_norm import layer_norm_padded
 from .reference import flash_rfbias_concat, flash_rfbias_reference
 
-__all__ = ["flash_rfbias", "flash_rfbias_reference", "flash_rfbias_concat", "layer_norm_padded"]
+__all__ = ["flash_rfbias", "flash_rfbias_reference", "flash_rfbias_concat", "layer_norm_padded", "depthwise_conv3x3",
+           "depthwise_taps", "op_param"]

@@ -1,0 +1,101 @@
+"""The model-level ops of the inference path against the PyTorch ops they replace, on SST's 720p shapes (bf16).
+
+``rfsr::layer_norm`` / ``add_layer_norm`` (rows of 180 → 184, 48 and 224 channels, 192×320 pixels) against
+``F.layer_norm`` (after ``x + y``), and ``rfsr::depthwise_conv3x3`` (the FFN's ``x + gelu(dwc(x))`` and the gate's
+``dwc(x)`` for 232, 184, 72 and 48 channels, 180×320 pixels) against cuDNN's conv plus PyTorch's GELU and add.
+Each time is the best of 5 runs of 200 back-to-back calls between CUDA events (microseconds per call), so launch
+gaps do not count; TB/s counts the bytes each op must move once.
+
+    python benchmarks/bench_model_ops.py [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def per_call_us(fn, calls: int = 200, reps: int = 5) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(reps):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / calls * 1e3)
+    return best
+
+
+def layer_norm_rows(rows: list) -> None:
+    from rfsr_cuda.ops import layer_norm_padded
+    M = 192 * 320
+    for C, width in ((180, 184), (48, 48), (224, 224)):
+        x = torch.randn(M, C, device="cuda", dtype=torch.bfloat16)
+        y = torch.randn_like(x)
+        w, b = torch.randn(C, device="cuda", dtype=torch.bfloat16), torch.randn(C, device="cuda", dtype=torch.bfloat16)
+        mb_in, mb_out = M * C * 2 / 1e6, M * width * 2 / 1e6
+        t = {"torch_layer_norm_us": per_call_us(lambda: F.layer_norm(x, (C,), w, b, 1e-6)),
+             "torch_add_layer_norm_us": per_call_us(lambda: F.layer_norm(x + y, (C,), w, b, 1e-6)),
+             "rfsr_layer_norm_us": per_call_us(lambda: layer_norm_padded(x, w, b, 1e-6, width)),
+             "rfsr_add_layer_norm_us": per_call_us(lambda: layer_norm_padded(x, w, b, 1e-6, width, residual=y))}
+        t["rfsr_layer_norm_tbs"] = (mb_in + mb_out) / t["rfsr_layer_norm_us"]
+        t["rfsr_add_layer_norm_tbs"] = (3 * mb_in + mb_out) / t["rfsr_add_layer_norm_us"]  # x, y in; sum, out
+        rows.append({"op": "layer_norm", "rows": M, "channels": C, "width": width, **t})
+        print(f"layer_norm {M} x {C} -> {width}: F.layer_norm {t['torch_layer_norm_us']:.1f} us, + add "
+              f"{t['torch_add_layer_norm_us']:.1f} us | rfsr {t['rfsr_layer_norm_us']:.1f} us "
+              f"({t['rfsr_layer_norm_tbs']:.2f} TB/s), with the add {t['rfsr_add_layer_norm_us']:.1f} us "
+              f"({t['rfsr_add_layer_norm_tbs']:.2f} TB/s)")
+
+
+def depthwise_rows(rows: list) -> None:
+    from rfsr_cuda.ops import depthwise_conv3x3, depthwise_taps
+    for C in (232, 184, 72, 48):
+        x = torch.randn(1, C, 180, 320, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(C, C, 3, padding=1, groups=C).cuda().to(torch.bfloat16,
+                                                                       memory_format=torch.channels_last)
+        taps, bias = depthwise_taps(conv.weight), conv.bias.detach().float()
+        t = {"torch_ffn_us": per_call_us(lambda: x + F.gelu(conv(x))),
+             "torch_conv_us": per_call_us(lambda: conv(x)),
+             "rfsr_ffn_us": per_call_us(lambda: depthwise_conv3x3(x, taps, bias, gelu=True, residual=True)),
+             "rfsr_conv_us": per_call_us(lambda: depthwise_conv3x3(x, taps, bias))}
+        t["rfsr_ffn_tbs"] = 2 * x.numel() * 2 / 1e6 / t["rfsr_ffn_us"]
+        rows.append({"op": "depthwise_conv3x3", "shape": list(x.shape), **t})
+        print(f"depthwise 3x3, {C} channels, 180x320: x + gelu(conv(x)) {t['torch_ffn_us']:.1f} us, conv(x) "
+              f"{t['torch_conv_us']:.1f} us | rfsr fused {t['rfsr_ffn_us']:.1f} us ({t['rfsr_ffn_tbs']:.2f} TB/s), "
+              f"conv only {t['rfsr_conv_us']:.1f} us")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="JSON file to write (default: print only)")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    import rfsr_cuda  # noqa: F401
+    rows: list = []
+    print(torch.cuda.get_device_name(), torch.__version__)
+    layer_norm_rows(rows)
+    depthwise_rows(rows)
+    if a.out:
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "dtype": "bfloat16",
+               "timing": "best of 5 runs of 200 back-to-back calls between CUDA events, us per call", "rows": rows}
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, a.out)  # atomic
+        print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
