@@ -102,22 +102,11 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_cuda_impl(const at::Tensor& x_in, 
   return {out, sum};
 }
 
-at::Tensor layer_norm_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                           int64_t width) {
-  return std::get<0>(layer_norm_cuda_impl(x, std::nullopt, weight, bias, eps, width));
-}
-
-std::tuple<at::Tensor, at::Tensor> add_layer_norm_cuda(const at::Tensor& x, const at::Tensor& y,
-                                                       const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                                       int64_t width) {
-  return layer_norm_cuda_impl(x, y, weight, bias, eps, width);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rfsr, CUDA, m) {
-  m.impl("layer_norm", &layer_norm_cuda);
-  m.impl("add_layer_norm", &add_layer_norm_cuda);
+  m.impl("layer_norm", &layer_norm_entry<&layer_norm_cuda_impl>);
+  m.impl("add_layer_norm", &add_layer_norm_entry<&layer_norm_cuda_impl>);
 }
 
 }  // namespace rfsr

@@ -55,21 +55,6 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_aten(const at::Tensor& x, const st
   return {out, sum};
 }
 
-namespace {
-
-at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                          int64_t width) {
-  return std::get<0>(layer_norm_aten(x, std::nullopt, weight, bias, eps, width));
-}
-
-std::tuple<at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& y,
-                                                      const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                                      int64_t width) {
-  return layer_norm_aten(x, y, weight, bias, eps, width);
-}
-
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(rfsr, m) {
   m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, int width) -> Tensor");
   m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, int width) "
@@ -77,8 +62,8 @@ TORCH_LIBRARY_FRAGMENT(rfsr, m) {
 }
 
 TORCH_LIBRARY_IMPL(rfsr, CPU, m) {
-  m.impl("layer_norm", &layer_norm_cpu);
-  m.impl("add_layer_norm", &add_layer_norm_cpu);
+  m.impl("layer_norm", &layer_norm_entry<&layer_norm_aten>);
+  m.impl("add_layer_norm", &add_layer_norm_entry<&layer_norm_aten>);
 }
 
 }  // namespace rfsr

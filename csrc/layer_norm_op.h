@@ -20,4 +20,18 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_aten(const at::Tensor& x, const st
                                                    const at::Tensor& weight, const at::Tensor& bias, double eps,
                                                    int64_t width);
 
+// The two schemas' entry points over one implementation `Impl` with the signature of layer_norm_aten.
+template <auto Impl>
+at::Tensor layer_norm_entry(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                            int64_t width) {
+  return std::get<0>(Impl(x, std::nullopt, weight, bias, eps, width));
+}
+
+template <auto Impl>
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_entry(const at::Tensor& x, const at::Tensor& y,
+                                                        const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                                        int64_t width) {
+  return Impl(x, y, weight, bias, eps, width);
+}
+
 }  // namespace rfsr

@@ -7,32 +7,13 @@
 // writes the kRows outputs.
 #include "params.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "../common/elementwise.cuh"
 
+#include <algorithm>
 #include <cstdint>
 
 namespace rfsr {
 namespace {
-
-template <typename T> struct Conv;
-template <> struct Conv<float> {
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-template <> struct Conv<__half> {
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-template <> struct Conv<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
 
 constexpr int kThreads = 256;
 constexpr int kRows = 4;
@@ -40,14 +21,16 @@ constexpr int kRows = 4;
 template <typename T, int kVec, bool kGelu, bool kResidual>
 __global__ void __launch_bounds__(kThreads) dwconv3x3_kernel(const DwConvParams p) {
   using PackT = Pack<T, kVec>;
-  const int nv = p.C / kVec;
-  const int strips = (p.H + kRows - 1) / kRows;
-  int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (t >= p.B * strips * int64_t(p.W) * nv) return;
+  // 32-bit index arithmetic (64-bit division is a long software sequence, and it was a large share of the
+  // instructions): the launch keeps each call's thread count below 2^31.
+  const unsigned nv = unsigned(p.C / kVec);
+  const unsigned strips = unsigned((p.H + kRows - 1) / kRows);
+  unsigned t = blockIdx.x * unsigned(kThreads) + threadIdx.x;
+  if (t >= unsigned(p.B) * strips * unsigned(p.W) * nv) return;
   const int cv = int(t % nv);
   t /= nv;
-  const int x = int(t % p.W);
-  t /= p.W;
+  const int x = int(t % unsigned(p.W));
+  t /= unsigned(p.W);
   const int y0 = int(t % strips) * kRows;
   const int64_t b = t / strips;
   const int c0 = cv * kVec;
@@ -123,21 +106,31 @@ __global__ void __launch_bounds__(kThreads) dwconv3x3_kernel(const DwConvParams 
 }
 
 template <typename T, int kVec>
-cudaError_t launch(const DwConvParams& p, cudaStream_t stream) {
-  const int64_t threads = p.B * ((p.H + kRows - 1) / kRows) * int64_t(p.W) * (p.C / kVec);
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(blocks));
-  if (p.gelu && p.residual) {
-    dwconv3x3_kernel<T, kVec, true, true><<<grid, kThreads, 0, stream>>>(p);
-  } else if (p.gelu) {
-    dwconv3x3_kernel<T, kVec, true, false><<<grid, kThreads, 0, stream>>>(p);
-  } else if (p.residual) {
-    dwconv3x3_kernel<T, kVec, false, true><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    dwconv3x3_kernel<T, kVec, false, false><<<grid, kThreads, 0, stream>>>(p);
+cudaError_t launch(const DwConvParams& p_all, cudaStream_t stream) {
+  // Images in chunks whose thread count fits the kernel's 32-bit indices.
+  const int64_t per_image = int64_t((p_all.H + kRows - 1) / kRows) * p_all.W * (p_all.C / kVec);
+  if (per_image > 0x7fffffff) return cudaErrorInvalidValue;
+  const int64_t chunk = std::max<int64_t>(1, 0x7fffffff / per_image);
+  const int64_t image = int64_t(p_all.H) * p_all.W * p_all.C;
+  for (int64_t b0 = 0; b0 < p_all.B; b0 += chunk) {
+    DwConvParams p = p_all;
+    p.B = std::min<int64_t>(chunk, p_all.B - b0);
+    p.x = static_cast<const T*>(p_all.x) + b0 * image;
+    p.out = static_cast<T*>(p_all.out) + b0 * image;
+    const dim3 grid(static_cast<unsigned>((p.B * per_image + kThreads - 1) / kThreads));
+    if (p.gelu && p.residual) {
+      dwconv3x3_kernel<T, kVec, true, true><<<grid, kThreads, 0, stream>>>(p);
+    } else if (p.gelu) {
+      dwconv3x3_kernel<T, kVec, true, false><<<grid, kThreads, 0, stream>>>(p);
+    } else if (p.residual) {
+      dwconv3x3_kernel<T, kVec, false, true><<<grid, kThreads, 0, stream>>>(p);
+    } else {
+      dwconv3x3_kernel<T, kVec, false, false><<<grid, kThreads, 0, stream>>>(p);
+    }
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
   }
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
 template <typename T>

@@ -5,39 +5,18 @@
 // latency-bound at a fifth of the copy bandwidth or less.
 #include "params.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "../common/elementwise.cuh"
 
 #include <cstdint>
 
 namespace rfsr {
 namespace {
 
-template <typename T> struct Conv;
-template <> struct Conv<float> {
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-template <> struct Conv<__half> {
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-template <> struct Conv<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
-
-// kVec elements moved as one access of kVec * sizeof(T) bytes.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
 constexpr int kThreads = 128;
 constexpr int kMaxIters = 8;  // accesses per lane: rows of up to 32 * 8 accesses (kLayerNormMaxAccesses)
 static_assert(32 * kMaxIters == kLayerNormMaxAccesses, "row limit");
 
-// Accesses per lane of a row of n_acc accesses spread over `lanes` lanes.
+// Lanes for a row of n_acc accesses: n_acc rounded up to a power of two, at most a warp.
 __host__ __device__ constexpr int lanes_for(int n_acc) {
   int lanes = 1;
   while (lanes < n_acc && lanes < 32) lanes *= 2;
