@@ -103,6 +103,27 @@ def test_partial_tiles_equal_the_part_alone(model):
             assert out[i, :, 2 * vh:].abs().sum() == 0 and out[i, :, :, 2 * vw:].abs().sum() == 0
 
 
+def test_prepared_model_keeps_the_valid_region_exact(model):
+    """SST.prepare_inference's fused ops (LayerNorm, depthwise convs, padded channels) step aside while the tiler's
+    valid-region hooks are on, so partial tiles still equal the part alone, and tiled still equals untiled."""
+    import copy
+    fast = copy.deepcopy(model).prepare_inference(torch.float32)
+    assert fast.body[0][0].attn.width == 16  # dim 12 padded
+    g = torch.Generator().manual_seed(7)
+    valid = [(40, 29), (48, 48), (5, 13)]
+    x = torch.rand(len(valid), 3, 48, 48, generator=g)
+    up = Upscaler(fast, tile=0)
+    out = up.forward_tiles(x, valid)
+    for i, (vh, vw) in enumerate(valid):
+        alone = up.forward_tiles(x[i:i + 1, :, :vh, :vw].contiguous())[0]
+        torch.testing.assert_close(out[i, :, :2 * vh, :2 * vw], alone, rtol=0, atol=2e-6)
+        plain = Upscaler(model, tile=0).forward_tiles(x[i:i + 1, :, :vh, :vw].contiguous())[0]
+        torch.testing.assert_close(alone, plain, rtol=0, atol=2e-5)  # the same function as the plain model
+    img = torch.rand(3, 90, 110, generator=g)
+    tiled = Upscaler(fast, tile=48, overlap=24, tile_batch=3).upscale(img)
+    assert (tiled - Upscaler(fast, tile=0).upscale(img)).abs().max().item() < 1e-3
+
+
 def test_small_images_run_whole_and_big_ones_in_one_shape(model):
     g = torch.Generator().manual_seed(7)
     w = Wrapped(model, lambda x: None)

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import depthwise_taps, flash_rfbias, flash_rfbias_concat, flash_rfbias_reference, op_param
-from .rib import RIB, autocast_enabled, check_positive_int, conv1x1, move_words, no_autocast, padded_width, zero_padded
+from .rib import (RIB, autocast_enabled, check_positive_int, conv1x1, has_forward_hooks, move_words, no_autocast,
+                  padded_width, zero_padded)
 
 ATTN_BACKENDS = ("fused", "concat", "reference")
 GATE_TYPES = (None, "DWC", "Linear")
@@ -191,7 +192,8 @@ class RIBWindowAttention(RIB):
         if self.gate is None:
             return None
         if self.gate_type == "DWC":
-            if getattr(self, "_gate_taps", None) is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            if getattr(self, "_gate_taps", None) is not None and not (torch.is_grad_enabled() and x.requires_grad) \
+                    and not has_forward_hooks(self.gate[0]):
                 h = torch.ops.rfsr.depthwise_conv3x3(x, self._gate_taps, self._gate_bias, False, False)
             else:
                 h = self.gate[0](x)

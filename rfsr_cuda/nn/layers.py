@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..ops import depthwise_taps, op_param
 from .attention import RIBWindowAttention
-from .rib import check_positive_int, conv1x1, padded_width, zero_padded
+from .rib import check_positive_int, conv1x1, has_forward_hooks, padded_width, zero_padded
 
 UPSAMPLER_TYPES = ("pixelshuffle_direct", "pixelshuffle", "nn+conv")
 
@@ -127,13 +127,15 @@ class ConvFFN(nn.Module):
 
     def use_op(self) -> None:
         """Run ``x + gelu(dwc(x))`` as one ``rfsr::depthwise_conv3x3`` call (taps taken from the weights now, in
-        float32; no autograd): for inference, after any change to the weights (``SST.prepare_inference``)."""
+        float32; no autograd): for inference, after any change to the weights (``SST.prepare_inference``). While
+        ``dwc`` has forward hooks, or gradients are needed, the modules run as they are."""
         self.register_buffer("_dw_taps", depthwise_taps(self.dwc.weight), persistent=False)
         self.register_buffer("_dw_bias", op_param(self.dwc.bias), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(conv1x1(x, self.proj))
-        if getattr(self, "_dw_taps", None) is not None and not (torch.is_grad_enabled() and x.requires_grad):
+        if getattr(self, "_dw_taps", None) is not None and not (torch.is_grad_enabled() and x.requires_grad) \
+                and not has_forward_hooks(self.dwc):
             x = torch.ops.rfsr.depthwise_conv3x3(x, self._dw_taps, self._dw_bias, True, True)
         else:
             x = x + F.gelu(self.dwc(x))
@@ -191,8 +193,8 @@ class SSTBlock(nn.Sequential):
 
     Layers shift (odd ones, by half a window) only when all window sizes are equal: with cyclic window sizes the
     changing window grid already mixes across borders. The layers run through ``SSTLayer.forward_deferred``, which
-    leaves each FFN's residual add to the next layer's first LayerNorm (same function; forward hooks on the layers
-    themselves do not run, those on their submodules do).
+    leaves each FFN's residual add to the next layer's first LayerNorm (same function); with forward hooks on a layer,
+    the layers run one by one through their calls.
     """
 
     def __init__(self, dim: int, window_sizes: Sequence[int], num_heads: Sequence[int], ranks: Sequence[int], *,
@@ -209,8 +211,11 @@ class SSTBlock(nn.Sequential):
         ], nn.Conv2d(dim, dim, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self)[:-1]
+        if any(has_forward_hooks(layer) for layer in layers):  # hooks see every layer's own input and output
+            return x + super().forward(x)
         h, f = x, None
-        for layer in list(self)[:-1]:
+        for layer in layers:
             h, f = layer.forward_deferred(h, f)
         return x + self[-1](h + _channels(f, h.shape[1]))
 

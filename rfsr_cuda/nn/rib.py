@@ -100,6 +100,14 @@ def zero_padded(t: torch.Tensor, sizes: Sequence[int], value: float = 0.0) -> nn
     return nn.Parameter(out, requires_grad=t.requires_grad)
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward (pre-)hooks, its own or global ones: then a fused op must not
+    stand in for its call (the hooks would be skipped; the upscaler's valid-region hooks change conv inputs)."""
+    from torch.nn.modules import module as _m
+    return bool(module._forward_pre_hooks or module._forward_hooks or _m._global_forward_pre_hooks
+                or _m._global_forward_hooks)
+
+
 def move_words(t: torch.Tensor, fn):
     """``fn(t)`` for pure data movement (a gather, a permuted copy) that keeps the last dim whole, run on the
     widest integer view of that dim: 4 bf16 values per 8-byte word, so a quarter of the elements to index.
