@@ -9,7 +9,8 @@ import os
 
 import torch
 
-import rfsr_cuda  # noqa: F401  (registers the op)
+import rfsr_cuda
+from rfsr_cuda.ops.flash_rfbias import cuda_path_available
 
 CASES = [  # B, N, H, D, R, dtype, batched factors
     (3, 70, 2, 30, 18, torch.bfloat16, False),
@@ -28,30 +29,6 @@ SM90_CASES = [  # B, N, H, D, R, dtype
     (1, 1000, 1, 32, 7, torch.float16),
     (3, 70, 2, 16, 0, torch.bfloat16),
 ]
-
-
-def _runs(env: str, path: str, call) -> bool:
-    """call() succeeds with env=path (False when this build or device lacks that path)."""
-    os.environ[env] = path
-    try:
-        call()
-        return True
-    except (RuntimeError, ValueError):
-        return False
-    finally:
-        del os.environ[env]
-
-
-def _tiny_fwd():
-    z = torch.zeros(1, 1, 1, 30, device="cuda", dtype=torch.bfloat16)
-    f = torch.zeros(1, 1, 18, device="cuda", dtype=torch.bfloat16)
-    torch.ops.rfsr.flash_rfbias_fwd(z, z, z, f, f, 1.0)
-
-
-def _tiny_bwd():
-    x = torch.zeros(1, 1, 1, 30, device="cuda", dtype=torch.bfloat16)
-    f = torch.zeros(1, 1, 18, device="cuda", dtype=torch.bfloat16)
-    torch.ops.rfsr.flash_rfbias_bwd(x, x, x, x, f, f, x, torch.zeros(1, 1, 1, device="cuda"), 1.0)
 
 
 # rfsr::layer_norm / add_layer_norm: rows x channels -> width, dtype, residual; tails of every access width, rows that
@@ -95,7 +72,7 @@ def main():
         print("sanitize_small: ok")
         return
     hopper = torch.cuda.get_device_capability()[0] == 9
-    if hopper and _runs("RFSR_FWD_PATH", "sm90", _tiny_fwd):
+    if hopper and cuda_path_available("fwd", "sm90"):
         os.environ["RFSR_FWD_PATH"] = "sm90"
         for B, N, H, D, R, dt in SM90_CASES:
             q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=dt) for _ in range(3))
@@ -105,7 +82,7 @@ def main():
             assert torch.isfinite(out).all() and torch.isfinite(lse).all(), ("sm90", B, N, H, D, R)
         del os.environ["RFSR_FWD_PATH"]
     # forward + backward on the default forward path, with each backward path this build and device have
-    for path in ["sm80"] + (["sm90"] if hopper and _runs("RFSR_BWD_PATH", "sm90", _tiny_bwd) else []):
+    for path in ["sm80"] + (["sm90"] if hopper and cuda_path_available("bwd", "sm90") else []):
         os.environ["RFSR_BWD_PATH"] = path
         for B, N, H, D, R, dt, batched in CASES:
             q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))

@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 
-from _path_probe import runs_with_env
 
 cuda_ok = torch.cuda.is_available()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not cuda_ok, reason="needs a CUDA device")]
 
 if cuda_ok:
     import rfsr_cuda  # noqa: F401  (registers the ops)
+    from rfsr_cuda.ops.flash_rfbias import cuda_path_available
     from rfsr_cuda.ops.reference import flash_rfbias_reference
 
     def _has_cuda_kernel() -> bool:
@@ -40,13 +40,7 @@ def _sm90_path_available() -> bool:
     9.0, or RFSR_KERNELS=all,sm90); otherwise RFSR_FWD_PATH=sm90 raises."""
     if not cuda_ok or torch.cuda.get_device_capability()[0] != 9:
         return False
-
-    def tiny_fwd():
-        q = torch.zeros(1, 1, 1, 30, device="cuda", dtype=torch.bfloat16)
-        b = torch.zeros(1, 1, 18, device="cuda", dtype=torch.bfloat16)
-        torch.ops.rfsr.flash_rfbias_fwd(q, q, q, b, b, 1.0)
-
-    return runs_with_env("RFSR_FWD_PATH", "sm90", tiny_fwd)
+    return cuda_path_available("fwd", "sm90")
 
 
 @pytest.fixture(autouse=True, params=["sm80", "sm90"])

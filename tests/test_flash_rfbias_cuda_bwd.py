@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _path_probe import runs_with_env
 
 cuda_ok = torch.cuda.is_available()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not cuda_ok, reason="needs a CUDA device")]
 
 if cuda_ok:
     import rfsr_cuda  # noqa: F401  (registers the ops)
+    from rfsr_cuda.ops.flash_rfbias import cuda_path_available
     from rfsr_cuda.ops.reference import flash_rfbias_reference
 
     def _fused_bwd_registered() -> bool:
@@ -34,14 +34,7 @@ def _sm90_bwd_available() -> bool:
     RFSR_BWD_PATH=sm90 raises)."""
     if not cuda_ok or torch.cuda.get_device_capability()[0] != 9:
         return False
-
-    def tiny_bwd():
-        x = torch.zeros(1, 1, 1, 30, device="cuda", dtype=torch.bfloat16)
-        f = torch.zeros(1, 1, 18, device="cuda", dtype=torch.bfloat16)
-        lse = torch.zeros(1, 1, 1, device="cuda")
-        torch.ops.rfsr.flash_rfbias_bwd(x, x, x, x, f, f, x, lse, 1.0)
-
-    return runs_with_env("RFSR_BWD_PATH", "sm90", tiny_bwd)
+    return cuda_path_available("bwd", "sm90")
 
 
 @pytest.fixture(autouse=True, params=["sm80", "sm90"], scope="module")

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import depthwise_taps, flash_rfbias, flash_rfbias_concat, flash_rfbias_reference, op_param
-from .rib import (RIB, autocast_enabled, check_positive_int, conv1x1, has_forward_hooks, move_words, no_autocast,
-                  padded_width, zero_padded)
+from ..ops import flash_rfbias, flash_rfbias_concat, flash_rfbias_reference
+from .rib import (RIB, autocast_enabled, check_positive_int, conv1x1, depthwise3x3, move_words, no_autocast,
+                  padded_width, use_depthwise_op, zero_padded)
 
 ATTN_BACKENDS = ("fused", "concat", "reference")
 GATE_TYPES = (None, "DWC", "Linear")
@@ -184,20 +184,14 @@ class RIBWindowAttention(RIB):
         """Run the DWC gate's depthwise conv (with its bias) as ``rfsr::depthwise_conv3x3`` (taps taken from the
         weights now; no autograd): for inference, after any change to the weights (``SST.prepare_inference``)."""
         if self.gate_type == "DWC":
-            self.register_buffer("_gate_taps", depthwise_taps(self.gate[0].weight), persistent=False)
-            self.register_buffer("_gate_bias", op_param(self.gate[0].bias), persistent=False)
+            use_depthwise_op(self.gate[0])
 
     def _gate(self, x: torch.Tensor) -> torch.Tensor | None:
         # the Sequential of the official layout, its 1×1 conv as a GEMM (conv1x1)
         if self.gate is None:
             return None
         if self.gate_type == "DWC":
-            if getattr(self, "_gate_taps", None) is not None and not (torch.is_grad_enabled() and x.requires_grad) \
-                    and not has_forward_hooks(self.gate[0]):
-                h = torch.ops.rfsr.depthwise_conv3x3(x, self._gate_taps, self._gate_bias, False, False)
-            else:
-                h = self.gate[0](x)
-            return torch.sigmoid(conv1x1(h, self.gate[1]))
+            return torch.sigmoid(conv1x1(depthwise3x3(self.gate[0], x), self.gate[1]))
         return torch.sigmoid(conv1x1(x, self.gate[0]))
 
     def _gather_indices(self, H: int, W: int, device) -> tuple[torch.Tensor, ...]:

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import depthwise_taps, op_param
 from .attention import RIBWindowAttention
-from .rib import check_positive_int, conv1x1, has_forward_hooks, padded_width, zero_padded
+from .rib import (check_positive_int, conv1x1, depthwise3x3, has_forward_hooks, op_may_replace, padded_width,
+                  use_depthwise_op, zero_padded)
 
 UPSAMPLER_TYPES = ("pixelshuffle_direct", "pixelshuffle", "nn+conv")
 
@@ -70,12 +70,12 @@ class LayerNorm2d(nn.Module):
     def add_norm(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s, norm(s))`` for ``s = x + y``; ``y`` may have extra channels past x's (the padded layout; ignored)."""
         C = x.shape[1]
-        if self._op(x) and not y.requires_grad:
+        if self._op(x) and op_may_replace(self, y):  # (hooks on this norm run through its call below)
             normed, s = torch.ops.rfsr.add_layer_norm(x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)[..., :C],
                                                       self.weight, self.bias, self.eps, self.width)
             return s.permute(0, 3, 1, 2), normed.permute(0, 3, 1, 2)
         s = x + _channels(y, C)
-        return s, self._aten(s)
+        return s, self(s)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}" + (f", fused, width={self.width}" if self.fused else "")
@@ -129,17 +129,11 @@ class ConvFFN(nn.Module):
         """Run ``x + gelu(dwc(x))`` as one ``rfsr::depthwise_conv3x3`` call (taps taken from the weights now, in
         float32; no autograd): for inference, after any change to the weights (``SST.prepare_inference``). While
         ``dwc`` has forward hooks, or gradients are needed, the modules run as they are."""
-        self.register_buffer("_dw_taps", depthwise_taps(self.dwc.weight), persistent=False)
-        self.register_buffer("_dw_bias", op_param(self.dwc.bias), persistent=False)
+        use_depthwise_op(self.dwc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(conv1x1(x, self.proj))
-        if getattr(self, "_dw_taps", None) is not None and not (torch.is_grad_enabled() and x.requires_grad) \
-                and not has_forward_hooks(self.dwc):
-            x = torch.ops.rfsr.depthwise_conv3x3(x, self._dw_taps, self._dw_bias, True, True)
-        else:
-            x = x + F.gelu(self.dwc(x))
-        return conv1x1(x, self.agg)
+        return conv1x1(depthwise3x3(self.dwc, x, gelu=True, residual=True), self.agg)
 
 
 class SSTLayer(nn.Module):

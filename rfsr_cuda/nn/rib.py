@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..ops import depthwise_taps, op_param
+
 # Optimizer steps taken in this process. Part of every cache stamp: fused optimizers write the parameters without
 # bumping their version counters, and a step hook is the one place every optimizer passes through.
 _optimizer_steps = 0
@@ -101,11 +103,34 @@ def zero_padded(t: torch.Tensor, sizes: Sequence[int], value: float = 0.0) -> nn
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run forward (pre-)hooks, its own or global ones: then a fused op must not
-    stand in for its call (the hooks would be skipped; the upscaler's valid-region hooks change conv inputs)."""
+    """Whether calling ``module`` runs forward (pre-)hooks, its own or global ones."""
     from torch.nn.modules import module as _m
     return bool(module._forward_pre_hooks or module._forward_hooks or _m._global_forward_pre_hooks
                 or _m._global_forward_hooks)
+
+
+def op_may_replace(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether an inference-only fused op (no autograd formula) may stand in for calling ``module`` on ``x``: no
+    gradient is needed and no forward hook would be skipped (the upscaler's valid-region hooks change conv inputs)."""
+    return not (torch.is_grad_enabled() and x.requires_grad) and not has_forward_hooks(module)
+
+
+def use_depthwise_op(conv: nn.Conv2d) -> None:
+    """Let ``depthwise3x3`` run ``conv`` (a depthwise 3×3 conv) through ``rfsr::depthwise_conv3x3``, with taps and
+    bias taken from its weights now (non-persistent buffers on the conv): for inference, after any change to them."""
+    conv.register_buffer("_rfsr_taps", depthwise_taps(conv.weight), persistent=False)
+    conv.register_buffer("_rfsr_bias", None if conv.bias is None else op_param(conv.bias), persistent=False)
+
+
+def depthwise3x3(conv: nn.Conv2d, x: torch.Tensor, *, gelu: bool = False, residual: bool = False) -> torch.Tensor:
+    """``conv(x)``, then the exact GELU when ``gelu``, plus ``x`` when ``residual``: one ``rfsr::depthwise_conv3x3``
+    call after ``use_depthwise_op(conv)`` where the op may stand in for the modules (``op_may_replace``)."""
+    if getattr(conv, "_rfsr_taps", None) is not None and op_may_replace(conv, x):
+        return torch.ops.rfsr.depthwise_conv3x3(x, conv._rfsr_taps, conv._rfsr_bias, gelu, residual)
+    y = conv(x)
+    if gelu:
+        y = F.gelu(y)
+    return x + y if residual else y
 
 
 def move_words(t: torch.Tensor, fn):

@@ -5,6 +5,8 @@ composite over ``flash_rfbias_fwd`` (returns out and the log-sum-exp), whose bac
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _checks
@@ -77,3 +79,35 @@ def flash_rfbias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_q: torc
     summed over the batch.
     """
     return torch.ops.rfsr.flash_rfbias(q, k, v, bias_q, bias_k, scale)
+
+
+_PATH_ENV = {"fwd": "RFSR_FWD_PATH", "bwd": "RFSR_BWD_PATH"}
+
+
+def cuda_path_available(direction: str, path: str) -> bool:
+    """Whether this build runs ``direction`` ('fwd' or 'bwd') of the op on kernel path ``path`` ('sm80' or 'sm90')
+    on the current CUDA device: a tiny call (bf16, D = 30, R = 18) with ``RFSR_FWD_PATH`` / ``RFSR_BWD_PATH`` set to
+    ``path``, which the binding refuses when the build or the device lacks that path. The variable's previous value
+    is restored. False without CUDA."""
+    if direction not in _PATH_ENV:
+        raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
+    if not torch.cuda.is_available():
+        return False
+    x = torch.zeros(1, 1, 1, 30, device="cuda", dtype=torch.bfloat16)
+    f = torch.zeros(1, 1, 18, device="cuda", dtype=torch.bfloat16)
+    name = _PATH_ENV[direction]
+    old = os.environ.get(name)
+    os.environ[name] = path
+    try:
+        if direction == "fwd":
+            torch.ops.rfsr.flash_rfbias_fwd(x, x, x, f, f, 1.0)
+        else:
+            torch.ops.rfsr.flash_rfbias_bwd(x, x, x, x, f, f, x, torch.zeros(1, 1, 1, device="cuda"), 1.0)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old

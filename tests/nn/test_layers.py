@@ -160,3 +160,25 @@ def test_sstlayer_pad_channels_is_exact(gate, hw, shift, backend):
     aligned = SSTLayer(24, 8, 2, 4, rib_hidden_dim=8, rib_n_freqs=2)
     aligned.pad_channels(8)  # already a multiple of 8: unchanged
     assert aligned.attn.width == 24 and not aligned.norm_attn.fused
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_hooks_on_norms_and_layers_still_run(prepared):
+    # the deferred residual adds and the fused ops must not skip a hook on a norm, a depthwise conv or a layer
+    block = SSTBlock(16, (8, 8), [2, 2], [4, 4], rib_hidden_dim=8, rib_n_freqs=2).eval()
+    x = torch.randn(1, 16, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = block(x)
+        if prepared:
+            for m in block.modules():
+                if isinstance(m, LayerNorm2d):
+                    m.use_op()
+                elif isinstance(m, ConvFFN):
+                    m.use_op()
+        seen = []
+        layer = block[1]
+        for name, m in (("norm_ffn", layer.norm_ffn), ("dwc", layer.ffn.dwc), ("layer", block[0])):
+            m.register_forward_hook(lambda mod, args, out, name=name: seen.append(name))
+        got = block(x)
+    assert sorted(seen) == ["dwc", "layer", "norm_ffn"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
