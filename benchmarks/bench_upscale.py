@@ -3,7 +3,8 @@
     python benchmarks/bench_upscale.py --device cuda --size 960x540 --scale 4 --tile 256 auto   # 3840×2160 output
     python benchmarks/bench_upscale.py --device cpu --size 160x72 --scale 2 --tile 64 --n-blocks 1  # plumbing check
 
-Per row: the tile plan (tile shape, overlap, tiles, forwards), the median wall time of --repeat timed runs after
+One row per (--tile, --route): ``default`` is what the Upscaler picks (on CUDA in bf16/fp16: the prepared copy of
+the model, ``SST.prepare_inference``), ``prepared`` and ``autocast`` force one route. Per row: the tile plan (tile shape, overlap, tiles, forwards), the median wall time of --repeat timed runs after
 --warmup untimed ones (default 1 on CUDA: the first run pays for cuDNN/cuBLAS set-up and the RIB factors), peak device
 memory (torch.cuda.max_memory_allocated / max_memory_reserved over the timed runs, after empty_cache and
 reset_peak_memory_stats: absolute, so it includes the weights) and the process's peak host RSS so far. The model is the
@@ -53,15 +54,19 @@ def _mib(n: float) -> float:
     return round(n / 2**20, 1)
 
 
-def run_row(model, img, device, args, tile) -> dict:
+ROUTES = {"default": None, "prepared": True, "autocast": False}
+
+
+def run_row(model, img, device, args, tile, route="default") -> dict:
     h, w = img.shape[:2]
     up = Upscaler(model, device=device, tile=tile, overlap=args.tile_pad, precision=args.precision,
-                  tile_batch=args.tile_batch, max_memory_gib=args.max_memory)
+                  tile_batch=args.tile_batch, max_memory_gib=args.max_memory, prepared=ROUTES[route])
     if device.type == "cuda":  # auto sizes tiles from free memory: start every row from the same state
         torch.cuda.empty_cache()
     plan = up.plan(h, w)
     row = {"tile_request": tile, "tile": plan.tile, "tile_shape": list(plan.shape), "overlap": plan.overlap,
-           "tiles": len(plan), "tile_batch": up.tile_batch, "precision": str(up.dtype).split(".")[-1]}
+           "tiles": len(plan), "tile_batch": up.tile_batch, "precision": str(up.dtype).split(".")[-1],
+           "route": route, "prepared": up.prepared}
     for _ in range(args.warmup):
         up.upscale_array(img)
     _sync(device)
@@ -99,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--tile-batch", type=int, default=None)
     p.add_argument("--max-memory", type=float, default=None, help="GiB for --tile auto on CUDA")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--route", nargs="+", default=["default"], choices=sorted(ROUTES),
+                   help="one row per value and tile: default (the Upscaler's choice), prepared or autocast")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 1 on CUDA, 0 on CPU)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per row (the median is reported)")
@@ -144,12 +151,13 @@ def main(argv=None) -> int:
 
     img = synthetic_image(w, h)
     failed = False
-    for tile in tiles:
+    for tile, route in [(t, r) for t in tiles for r in args.route]:
         try:
-            row = run_row(model, img, device, args, tile)
+            row = run_row(model, img, device, args, tile, route)
         except Exception as e:  # an OOM that even the halving could not avoid: recorded, the other rows still run
             failed = True
-            row = {"tile_request": tile, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            row = {"tile_request": tile, "route": route,
+                   "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         res["rows"].append(row)
         with open(out_path + ".tmp", "w") as f:  # rewritten after every row: a crash keeps the finished ones
             json.dump(res, f, indent=1)
@@ -158,7 +166,8 @@ def main(argv=None) -> int:
                f"{row['peak_reserved_mib']:.0f} MiB reserved" if "peak_allocated_mib" in row else "")
         print(json.dumps(row) if "error" in row else
               f"--tile {tile}: {row['tile_shape'][1]}x{row['tile_shape'][0]} tiles (overlap {row['overlap']}), "
-              f"{row['tiles']} tile(s) in {row['forwards_per_run']} forward(s), {row['precision']}: "
+              f"{row['tiles']} tile(s) in {row['forwards_per_run']} forward(s), {row['precision']} "
+              f"({'prepared' if row['prepared'] else 'as given'}): "
               f"{row['seconds']:.2f} s -> {row['output']}{mem}; peak host RSS {row['peak_host_rss_mib']:.0f} MiB",
               flush=True)
     return 1 if failed else 0

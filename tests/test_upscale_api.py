@@ -124,6 +124,49 @@ def test_prepared_model_keeps_the_valid_region_exact(model):
     assert (tiled - Upscaler(fast, tile=0).upscale(img)).abs().max().item() < 1e-3
 
 
+def test_prepared_copy_runs_low_precision_and_the_model_stays_as_given(model):
+    """prepared=True: tiles run on a prepare_inference copy in the chosen precision (bf16 here, on the CPU ops), the
+    float32 model is left untouched for the NaN redo; the output agrees with float32 to bf16 accuracy."""
+    g = torch.Generator().manual_seed(11)
+    img = torch.rand(3, 40, 52, generator=g)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    expect = Upscaler(model, tile=0, precision="fp32").upscale(img)
+    up = Upscaler(model, tile=32, overlap=16, precision="bf16", prepared=True)
+    fast = up.runner(torch.bfloat16)
+    assert fast is not model and up.runner(torch.float32) is model
+    assert fast.proj.weight.dtype == torch.bfloat16 and fast.body[0][0].attn.width == 16  # dim 12 padded
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes and model.proj.weight.dtype == torch.float32
+    out = up.upscale(img)
+    assert up.runner(torch.bfloat16) is fast  # made once
+    d = (out - expect).abs()
+    assert d.max().item() < 3e-2 and d.mean().item() < 3e-3
+    # the autocast route of the same precision is a different computation (float32 residual stream)
+    plain = Upscaler(model, tile=32, overlap=16, precision="bf16", prepared=False)
+    assert plain.runner(torch.bfloat16) is model
+    assert (plain.upscale(img) - out).abs().max().item() > 0
+
+
+def test_prepared_defaults_and_errors(model):
+    assert not Upscaler(model, device="cpu").prepared  # CPU, float32: the model as given
+    assert not Upscaler(model, device="cpu", precision="bf16").prepared  # only CUDA takes it by default
+    with pytest.raises(ValueError, match="prepare_inference"):
+        Upscaler(PerPixel(), prepared=True)
+    assert not Upscaler(PerPixel(), precision="bf16").prepared
+
+
+def test_prepared_nan_tile_is_redone_with_the_float32_model(model):
+    """A non-finite tile of the prepared low-precision copy is redone by the float32 model as given."""
+    torch.manual_seed(3)
+    img = torch.rand(3, 40, 50)
+    expect = Upscaler(model, tile=16, overlap=8, precision="fp32").upscale(img)
+    up = Upscaler(model, tile=16, overlap=8, precision="bf16", prepared=True)
+    fast = up.runner(torch.bfloat16)
+    fast.register_forward_hook(lambda m, args, out: torch.full_like(out, float("nan")))
+    out = up.upscale(img)
+    assert up.stats.fp32_redos == up.count_tiles(40, 50)
+    torch.testing.assert_close(out, expect, rtol=0, atol=1e-6)
+
+
 def test_small_images_run_whole_and_big_ones_in_one_shape(model):
     g = torch.Generator().manual_seed(7)
     w = Wrapped(model, lambda x: None)
@@ -330,3 +373,24 @@ def test_auto_tile_picks_the_least_wasteful_size(model):
     assert th == tw and th % 8 == 0 and 16 <= th <= 40 and ov == 8
     cost = lambda t: sum(s for _, s in plan_axis(70, t, 8, 8)) * sum(s for _, s in plan_axis(90, t, 8, 8))  # noqa
     assert cost(th) == min(cost(t) for t in (16, 24, 32, 40))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision, mean_tol", [("bf16", 3e-3), ("fp16", 1e-3)])
+def test_prepared_copy_on_cuda_with_the_bundled_weights(precision, mean_tol):
+    """On CUDA bf16/fp16 tiles run on the prepared copy by default (fused ops, padded rows), edge tiles included;
+    the result stays within low-precision error of the float32 model."""
+    from rfsr_cuda.upscale import find_bundled_weights, load_model
+
+    model = load_model(find_bundled_weights(2), "cuda")
+    g = torch.Generator().manual_seed(5)
+    yy, xx = torch.meshgrid(torch.arange(150.0), torch.arange(197.0), indexing="ij")
+    img = (0.5 + 0.3 * torch.sin(xx / 9)[None] * torch.cos(yy / 13)[None]
+           + 0.08 * torch.rand(3, 150, 197, generator=g)).clamp(0, 1)
+    expect = Upscaler(model, tile=128, overlap=64, precision="fp32").upscale(img)
+    up = Upscaler(model, tile=128, overlap=64, precision=precision)
+    assert up.prepared and up.runner(up.dtype) is not model
+    out = up.upscale(img)
+    assert up.stats.fp32_redos == 0 and len(up.plan(150, 197)) > 1
+    d = (out - expect).abs()
+    assert d.mean().item() < mean_tol and d.max().item() < 0.1, (d.mean().item(), d.max().item())

@@ -27,4 +27,5 @@ def test_small_cpu_run(tmp_path, capsys):
     for row in res["rows"]:
         assert row["output"] == "320x144" and row["seconds"] > 0 and row["peak_host_rss_mib"] > 0
         assert "peak_allocated_mib" not in row  # CPU: no device memory to report
-    assert "--tile 64: 128x128 tiles (overlap 64), 2 tile(s) in 2 forward(s)" in capsys.readouterr().out
+    assert "--tile 64: 128x128 tiles (overlap 64), 2 tile(s) in 2 forward(s), float32 (as given)" in capsys.readouterr().out
+    assert all(row["route"] == "default" and row["prepared"] is False for row in res["rows"])

@@ -235,6 +235,9 @@ def test_flags_realesrgan_spellings_outscale_and_memory_report(cli, weights, tmp
     assert "peak host RSS" in text and "1 of 1 file(s) written" in text
     assert cli.main([str(src), "--weights", str(weights), "--precision", "fp16", "-o", str(tmp_path / "h"),
                      "-q"]) == 0
+    parser = cli.build_parser()
+    assert parser.parse_args([str(src)]).prepared is None  # the Upscaler decides (prepared copy on CUDA bf16/fp16)
+    assert parser.parse_args([str(src), "--autocast"]).prepared is False
 
 
 def _make_video(path, frames=5, size=(32, 24), audio=True):

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on CUDA GPUs that have it, fp32 on CPU; fp16 outputs are checked for NaN/Inf "
                         "and such tiles redone in fp32")
     p.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
+    p.add_argument("--autocast", dest="prepared", action="store_false", default=None,
+                   help="in bf16/fp16 on CUDA, run the float32 model under autocast instead of its prepared bf16/fp16 "
+                        "copy (about 2x slower; keeps a float32 residual stream)")
     p.add_argument("--device", default="auto",
                    help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("-g", "--gpu-id", "--gpu_id", dest="gpu_id", type=int, default=None,
@@ -244,6 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         upscaler = Upscaler(model, device=device, tile=args.tile, overlap=args.tile_pad, precision=args.precision,
                             tile_batch=args.tile_batch, tta=args.tta, max_memory_gib=args.max_memory,
+                            prepared=args.prepared,
                             alpha="model" if args.alpha == "realesrgan" else args.alpha)
     except (ValueError, TypeError) as e:
         err(str(e))
