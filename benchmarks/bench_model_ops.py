@@ -2,7 +2,10 @@
 
 ``rfsr::layer_norm`` / ``add_layer_norm`` (rows of 180 → 184, 48 and 224 channels, 192×320 pixels) against
 ``F.layer_norm`` (after ``x + y``), and ``rfsr::depthwise_conv3x3`` (the FFN's ``x + gelu(dwc(x))`` and the gate's
-``dwc(x)`` for 232, 184, 72 and 48 channels, 180×320 pixels) against cuDNN's conv plus PyTorch's GELU and add.
+``dwc(x)`` for 232, 184, 72 and 48 channels, 180×320 pixels) against cuDNN's conv plus PyTorch's GELU and add, and
+``rfsr::window_merge`` (windows back to 180×320 pixel rows, shifted and cropped, times ``sigmoid(gate)``, into the
+padded rows: SST's 180 → 184 channels at 64×64 windows, SST-light's 60 → 64 at 16×16) against the attention layer's
+unfused route (one gather, ``sigmoid``, the product into the gate's padded rows).
 Each time is the best of 5 runs of 200 back-to-back calls between CUDA events (microseconds per call), so launch
 gaps do not count; TB/s counts the bytes each op must move once.
 
@@ -75,6 +78,32 @@ def depthwise_rows(rows: list) -> None:
               f"conv only {t['rfsr_conv_us']:.1f} us")
 
 
+def merge_rows(rows: list) -> None:
+    from rfsr_cuda.nn.attention import _window_indices
+    from rfsr_cuda.ops import window_merge
+    H, W = 180, 320
+    for C, width, win, shifted in ((180, 184, 64, True), (60, 64, 16, False)):
+        nh, nw = -(-H // win), -(-W // win)
+        windows = torch.randn(nh * nw, win * win, C, device="cuda", dtype=torch.bfloat16)
+        logits = torch.randn(1, H, W, width, device="cuda", dtype=torch.bfloat16)
+        _, _, win_r, win_c, off_r, off_c = _window_indices(H, W, win, win, shifted, "cuda")
+        shift = (win // 2, win // 2) if shifted else (0, 0)
+
+        def unfused():  # RIBWindowAttention's route without the op (its gathers move 8-byte words)
+            merged = windows.view(torch.int64).view(1, nh, nw, win, win, C // 4)[:, win_r, win_c, off_r, off_c]
+            gate = torch.sigmoid(logits)
+            gate[..., :C].mul_(merged.view(torch.bfloat16))
+            return gate
+
+        t = {"torch_us": per_call_us(unfused),
+             "rfsr_us": per_call_us(lambda: window_merge(windows, (H, W), win, shift, logits, width))}
+        t["rfsr_tbs"] = H * W * (2 * C + width) * 2 / 1e6 / t["rfsr_us"]  # windows and gate in, rows out
+        rows.append({"op": "window_merge", "pixels": [H, W], "channels": C, "width": width, "window": win,
+                     "shift": list(shift), **t})
+        print(f"window_merge {H}x{W}, {C} -> {width} channels, {win}x{win} windows: gather + sigmoid + product "
+              f"{t['torch_us']:.1f} us | rfsr {t['rfsr_us']:.1f} us ({t['rfsr_tbs']:.2f} TB/s)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON file to write (default: print only)")
@@ -86,6 +115,7 @@ def main(argv=None) -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
     layer_norm_rows(rows)
     depthwise_rows(rows)
+    merge_rows(rows)
     if a.out:
         res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "dtype": "bfloat16",

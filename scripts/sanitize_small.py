@@ -2,7 +2,7 @@
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_small.py [--only attention|model-ops]
 Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so out-of-bounds accesses are not hidden inside cached blocks.
-"model-ops" are the LayerNorm and depthwise-conv kernels of the model's inference path.
+"model-ops" are the LayerNorm, depthwise-conv and window-merge kernels of the model's inference path.
 """
 import argparse
 import os
@@ -38,6 +38,10 @@ LN_CASES = [((1, 1), 1, torch.bfloat16, False), ((37, 180), 184, torch.bfloat16,
 # rfsr::depthwise_conv3x3: (B, C, H, W), dtype; heights that are not a multiple of the 4-row strips, odd channels
 DW_CASES = [((1, 3, 5, 7), torch.bfloat16), ((2, 232, 9, 13), torch.bfloat16), ((1, 184, 4, 130), torch.float16),
             ((1, 8, 3, 3), torch.float32), ((2, 6, 1, 1), torch.bfloat16)]
+# rfsr::window_merge: B, (H, W), window, shift, C, gate width or None, out width, dtype; padding, shifts, 1-element
+# accesses (odd C), zero columns, a window larger than the image
+MERGE_CASES = [(2, (13, 19), (8, 8), (4, 4), 180, 184, 184, torch.bfloat16), (1, (5, 7), (16, 16), (0, 0), 5, None, 8,
+               torch.float16), (3, (9, 6), (4, 2), (2, 1), 12, 12, 16, torch.float32)]
 
 
 def model_ops():
@@ -59,6 +63,13 @@ def model_ops():
             out = torch.ops.rfsr.depthwise_conv3x3(x, taps, bias, gelu, residual)
             torch.cuda.synchronize()
             assert torch.isfinite(out).all(), ("depthwise_conv3x3", B, C, H, W)
+    for B, (H, W), (wh, ww), shift, C, gw, width, dt in MERGE_CASES:
+        n = B * -(-H // wh) * -(-W // ww)
+        windows = torch.randn(n, wh * ww, C, device="cuda", dtype=dt)
+        gate = None if gw is None else torch.randn(B, H, W, gw, device="cuda", dtype=dt)
+        out = torch.ops.rfsr.window_merge(windows, H, W, [wh, ww], list(shift), gate, width)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all() and (out[..., C:] == 0).all(), ("window_merge", B, H, W, C)
 
 
 def main():

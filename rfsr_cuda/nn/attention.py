@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import flash_rfbias, flash_rfbias_concat, flash_rfbias_reference
-from .rib import (RIB, autocast_enabled, check_positive_int, conv1x1, depthwise3x3, move_words, no_autocast,
-                  padded_width, use_depthwise_op, zero_padded)
+from .rib import (RIB, autocast_enabled, check_positive_int, conv1x1, depthwise3x3, has_forward_hooks, move_words,
+                  no_autocast, padded_width, use_depthwise_op, zero_padded)
 
 ATTN_BACKENDS = ("fused", "concat", "reference")
 GATE_TYPES = (None, "DWC", "Linear")
@@ -134,6 +134,7 @@ class RIBWindowAttention(RIB):
         self.to_out = nn.Conv2d(dim, dim, 1)
         self.gate = _make_gate(gate_type, dim)
         self.width = dim  # channels in and out: more in the padded inference layout (pad_channels)
+        self.merge_op = False  # window merge, gate sigmoid and product as rfsr::window_merge (use_op)
         self._indices: dict = {}  # (H, W, device) -> gather indices of _window_indices
 
     def _apply(self, fn, *args, **kwargs):
@@ -181,18 +182,23 @@ class RIBWindowAttention(RIB):
         return op(q, k, v, bias_q, bias_k, self.head_dim ** -0.5)
 
     def use_op(self) -> None:
-        """Run the DWC gate's depthwise conv (with its bias) as ``rfsr::depthwise_conv3x3`` (taps taken from the
-        weights now; no autograd): for inference, after any change to the weights (``SST.prepare_inference``)."""
+        """Inference ops (no autograd; ``SST.prepare_inference``): the DWC gate's depthwise conv with its bias as
+        ``rfsr::depthwise_conv3x3`` (taps taken from the weights now: call again after changing them), and the window
+        merge with the gate's sigmoid and product as one ``rfsr::window_merge``. Where gradients are needed, or the
+        gate's sigmoid has forward hooks, the modules run as they are."""
         if self.gate_type == "DWC":
             use_depthwise_op(self.gate[0])
+        self.merge_op = True
 
-    def _gate(self, x: torch.Tensor) -> torch.Tensor | None:
-        # the Sequential of the official layout, its 1×1 conv as a GEMM (conv1x1)
+    def _gate(self, x: torch.Tensor, activate: bool = True) -> torch.Tensor | None:
+        # the Sequential of the official layout, its 1×1 conv as a GEMM (conv1x1); without `activate` the logits
         if self.gate is None:
             return None
         if self.gate_type == "DWC":
-            return torch.sigmoid(conv1x1(depthwise3x3(self.gate[0], x), self.gate[1]))
-        return torch.sigmoid(conv1x1(x, self.gate[0]))
+            logits = conv1x1(depthwise3x3(self.gate[0], x), self.gate[1])
+        else:
+            logits = conv1x1(x, self.gate[0])
+        return self.gate[-1](logits) if activate else logits
 
     def _gather_indices(self, H: int, W: int, device) -> tuple[torch.Tensor, ...]:
         if torch.compiler.is_compiling():  # part of the graph: static shapes fold them into the gathers
@@ -216,7 +222,9 @@ class RIBWindowAttention(RIB):
         if pad_h >= H or pad_w >= W:
             raise ValueError(f"input {H}×{W} is too small for window {wh}×{ww}: reflect padding needs each side "
                              f"> half the window (at least {wh // 2 + 1}×{ww // 2 + 1})")
-        gate = self._gate(x)
+        # rfsr::window_merge takes the gate's logits (it applies the sigmoid), unless the sigmoid module has hooks
+        merge_op = self.merge_op and not (self.gate is not None and has_forward_hooks(self.gate[-1]))
+        gate = self._gate(x, activate=not merge_op)
         Hp, Wp = H + pad_h, W + pad_w
         nh, nw, N = Hp // wh, Wp // ww, wh * ww
         act_dtype = x.dtype
@@ -237,6 +245,17 @@ class RIBWindowAttention(RIB):
         # q, k, v are strided views of the partition buffer: (B·nh·nw, N, 3, heads, D)[:, :, i]
         windows = windows.view(B * nh * nw, N, 3, self.num_heads, -1)
         out = self._attend(windows[:, :, 0], windows[:, :, 1], windows[:, :, 2])  # (B·nh·nw, N, heads, D)
+
+        if merge_op:
+            grad = torch.is_grad_enabled() and (out.requires_grad or (gate is not None and gate.requires_grad))
+            if not grad and out.dtype == act_dtype and (gate is None or gate.dtype == act_dtype):
+                # merge + unshift + crop, times sigmoid(gate), into rows of `width`: one pass
+                shift = [wh // 2, ww // 2] if self.shift else [0, 0]
+                out = torch.ops.rfsr.window_merge(out.reshape(B * nh * nw, N, C), H, W, [wh, ww], shift,
+                                                  None if gate is None else gate.permute(0, 2, 3, 1), self.width)
+                return F.linear(out, self.to_out.weight.flatten(1), self.to_out.bias).permute(0, 3, 1, 2)
+            if gate is not None:
+                gate = self.gate[-1](gate)
 
         # windows and tokens split by a view whatever the op's output strides (the concat route's are not
         # contiguous): (B, nh, nw, wh, ww, heads, D)

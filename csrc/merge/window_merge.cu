@@ -1,0 +1,111 @@
+// rfsr::window_merge on CUDA: window attention output back to pixel rows (merge, unshift, crop) times the sigmoid
+// gate, into rows padded with zero columns, in one pass. PyTorch needs a gather, a sigmoid and a strided product
+// (the latter unvectorised: the gate's rows are wider than C) for the same result.
+//
+// One thread per kVec channels of one output pixel; columns past C are written as zeros.
+#include "params.h"
+
+#include "../common/elementwise.cuh"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace rfsr {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, int kVec, bool kGate>
+__global__ void __launch_bounds__(kThreads) window_merge_kernel(const WindowMergeParams p, int b0, unsigned count) {
+  using PackT = Pack<T, kVec>;
+  const unsigned chunks = unsigned(p.width / kVec);
+  const unsigned t = blockIdx.x * unsigned(kThreads) + threadIdx.x;
+  if (t >= count) return;
+  // 32-bit index arithmetic within a launch (count < 2^31; 64-bit division is a long software sequence), 64-bit
+  // only for addresses
+  const unsigned local = t / chunks;  // pixel of this launch's images
+  const int c0 = int(t - local * chunks) * kVec;
+  const unsigned row = local / unsigned(p.W);  // b_local * H + y
+  const int x = int(local - row * unsigned(p.W));
+  const int bl = int(row / unsigned(p.H));
+  const int y = int(row - unsigned(bl) * unsigned(p.H));
+  const int b = b0 + bl;
+  const int64_t pixel = (int64_t(b) * p.H + y) * p.W + x;
+  T* out = static_cast<T*>(p.out) + pixel * p.width + c0;
+  PackT res;
+  if (c0 >= p.C) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) res.v[e] = Conv<T>::store(0.f);
+    *reinterpret_cast<PackT*>(out) = res;
+    return;
+  }
+  // position in the padded, shifted map: (y - shift) mod the padded size
+  int py = y - p.shift_h, px = x - p.shift_w;
+  if (py < 0) py += p.nh * p.wh;
+  if (px < 0) px += p.nw * p.ww;
+  const int wy = py / p.wh, wx = px / p.ww;
+  const int64_t window = (int64_t(b) * p.nh + wy) * p.nw + wx;
+  const int token = (py - wy * p.wh) * p.ww + (px - wx * p.ww);
+  const T* src = static_cast<const T*>(p.windows) + window * p.win_stride + int64_t(token) * p.tok_stride + c0;
+  const PackT v = *reinterpret_cast<const PackT*>(src);
+  if constexpr (kGate) {
+    const PackT g = *reinterpret_cast<const PackT*>(static_cast<const T*>(p.gate) + pixel * p.gate_pixel_stride + c0);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      // rounded where the unfused ops round: sigmoid(gate), then the product
+      const float s = Conv<T>::load(Conv<T>::store(1.0f / (1.0f + expf(-Conv<T>::load(g.v[e])))));
+      res.v[e] = Conv<T>::store(s * Conv<T>::load(v.v[e]));
+    }
+  } else {
+    res = v;
+  }
+  *reinterpret_cast<PackT*>(out) = res;
+}
+
+template <typename T, int kVec>
+cudaError_t launch(const WindowMergeParams& p, cudaStream_t stream) {
+  // whole images per launch, fewer than 2^31 threads each
+  const int64_t per_image = int64_t(p.H) * p.W * (p.width / kVec);
+  if (per_image > int64_t(0x7fffffff) - kThreads) return cudaErrorInvalidValue;
+  const int chunk = int(std::min<int64_t>(p.B, (int64_t(0x7fffffff) - kThreads) / per_image));
+  for (int b0 = 0; b0 < p.B; b0 += chunk) {
+    const unsigned count = unsigned(std::min(chunk, p.B - b0) * per_image);
+    const dim3 grid((count + kThreads - 1) / kThreads);
+    if (p.gate != nullptr) {
+      window_merge_kernel<T, kVec, true><<<grid, kThreads, 0, stream>>>(p, b0, count);
+    } else {
+      window_merge_kernel<T, kVec, false><<<grid, kThreads, 0, stream>>>(p, b0, count);
+    }
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t dispatch_vec(const WindowMergeParams& p, cudaStream_t stream) {
+  switch (p.vec) {
+    case 1: return launch<T, 1>(p, stream);
+    case 2: return launch<T, 2>(p, stream);
+    case 4: return launch<T, 4>(p, stream);
+    case 8: return launch<T, 8>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t window_merge(const WindowMergeParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.H == 0 || p.W == 0) return cudaSuccess;
+  if (p.C <= 0 || p.width < p.C || p.vec <= 0 || p.C % p.vec || p.width % p.vec) return cudaErrorInvalidValue;
+  if (p.wh <= 0 || p.ww <= 0 || int64_t(p.nh) * p.wh < p.H || int64_t(p.nw) * p.ww < p.W) return cudaErrorInvalidValue;
+  if (p.shift_h < 0 || p.shift_h >= p.nh * p.wh || p.shift_w < 0 || p.shift_w >= p.nw * p.ww) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case MergeDtype::kFloat32: return dispatch_vec<float>(p, stream);
+    case MergeDtype::kFloat16: return dispatch_vec<__half>(p, stream);
+    case MergeDtype::kBFloat16: return dispatch_vec<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace rfsr
