@@ -90,15 +90,15 @@ def cuda_arch_flags() -> list:
 def extension():
     cxx = ["-O3"]  # the C++ standard comes from torch's extension tools
     sources = [os.path.join(CSRC, f) for f in ("rfbias_op.cpp", "layer_norm_op.cpp", "dwconv_op.cpp",
-                                               "window_merge_op.cpp")]
+                                               "window_ops.cpp")]
     if not cuda_build_wanted():
         return cpp_extension.CppExtension("rfsr_cuda._C", sources, extra_compile_args={"cxx": cxx},
                                           include_dirs=[CSRC])
     kernels = kernel_sources()
     sources += sorted(glob.glob(os.path.join(CSRC, "*.cu"))) + sorted(glob.glob(os.path.join(CSRC, "rfbias_cuda*.cpp")))
     sources += [os.path.join(CSRC, f) for f in ("layer_norm_cuda.cpp", "layernorm/layer_norm.cu", "dwconv_cuda.cpp",
-                                                "dwconv/dwconv.cu", "window_merge_cuda.cpp",
-                                                "merge/window_merge.cu")]
+                                                "dwconv/dwconv.cu", "window_ops_cuda.cpp",
+                                                "windows/merge.cu", "windows/partition.cu")]
     sources += kernels
     nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-DNDEBUG",
             "-Xfatbin", "-compress-all"] + cuda_arch_flags()

@@ -5,7 +5,8 @@
 ``dwc(x)`` for 232, 184, 72 and 48 channels, 180×320 pixels) against cuDNN's conv plus PyTorch's GELU and add, and
 ``rfsr::window_merge`` (windows back to 180×320 pixel rows, shifted and cropped, times ``sigmoid(gate)``, into the
 padded rows: SST's 180 → 184 channels at 64×64 windows, SST-light's 60 → 64 at 16×16) against the attention layer's
-unfused route (one gather, ``sigmoid``, the product into the gate's padded rows).
+unfused route (one gather, ``sigmoid``, the product into the gate's padded rows), and ``rfsr::window_partition``
+(pad + shift + partition of the q, k, v columns of the projection's rows) against the layer's gather of 8-byte words.
 Each time is the best of 5 runs of 200 back-to-back calls between CUDA events (microseconds per call), so launch
 gaps do not count; TB/s counts the bytes each op must move once.
 
@@ -104,6 +105,25 @@ def merge_rows(rows: list) -> None:
               f"{t['torch_us']:.1f} us | rfsr {t['rfsr_us']:.1f} us ({t['rfsr_tbs']:.2f} TB/s)")
 
 
+def partition_rows(rows: list) -> None:
+    from rfsr_cuda.nn.attention import _window_indices
+    from rfsr_cuda.ops import window_partition
+    H, W = 180, 320
+    for C3, width, win, shifted in ((540, 544, 64, True), (180, 192, 16, False)):
+        qkv = torch.randn(1, H, W, width, device="cuda", dtype=torch.bfloat16)
+        rows_idx, cols_idx = _window_indices(H, W, win, win, shifted, "cuda")[:2]
+        shift = (win // 2, win // 2) if shifted else (0, 0)
+        words = qkv[..., :C3].view(torch.int64)  # RIBWindowAttention's route without the op (move_words)
+        t = {"torch_us": per_call_us(lambda: words[:, rows_idx, cols_idx]),
+             "rfsr_us": per_call_us(lambda: window_partition(qkv, win, shift, C3))}
+        n_rows = -(-H // win) * win * -(-W // win) * win
+        t["rfsr_tbs"] = (H * W + n_rows) * C3 * 2 / 1e6 / t["rfsr_us"]
+        rows.append({"op": "window_partition", "pixels": [H, W], "channels": C3, "row_width": width, "window": win,
+                     "shift": list(shift), **t})
+        print(f"window_partition {H}x{W}, {C3} of {width} channels, {win}x{win} windows: gather "
+              f"{t['torch_us']:.1f} us | rfsr {t['rfsr_us']:.1f} us ({t['rfsr_tbs']:.2f} TB/s)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON file to write (default: print only)")
@@ -116,6 +136,7 @@ def main(argv=None) -> None:
     layer_norm_rows(rows)
     depthwise_rows(rows)
     merge_rows(rows)
+    partition_rows(rows)
     if a.out:
         res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "dtype": "bfloat16",

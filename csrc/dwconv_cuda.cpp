@@ -42,7 +42,7 @@ at::Tensor dwconv_cuda(const at::Tensor& x_in, const at::Tensor& taps_in, const 
   p.residual = residual;
   p.dtype = st == at::kFloat ? DwDtype::kFloat32 : st == at::kHalf ? DwDtype::kFloat16 : DwDtype::kBFloat16;
   const int64_t es = x.element_size();
-  for (int vec = 4; vec >= 1; vec /= 2) {
+  for (int vec = static_cast<int>(8 / es); vec >= 1; vec /= 2) {  // 8-byte accesses at most (the kernel's tile)
     if (p.C % vec == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % (vec * es) == 0) {
       p.vec = vec;
       break;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the extension on a CUDA machine, run the GPU tests and the attention benchmark.
+# Build the extension on a CUDA machine, run the GPU tests, compute-sanitizer and the attention benchmark.
 # Everything (build log, pytest log + junit xml, benchmark log + JSON, environment) goes to $1
 # (default ./gpu_check_out).
 #
@@ -48,8 +48,11 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  # the attention op's GPU tests, the model on CUDA, and the CUDA cases of the inference-path ops, the layers and the
+  # upscaler (those files' CPU tests run too: a few seconds)
   $PY -X faulthandler -m pytest tests/test_flash_rfbias_cuda.py tests/test_flash_rfbias_cuda_bwd.py \
-      tests/models/test_sst_cuda.py -q -rfE --durations=10 -p no:cacheprovider ${TEST_ARGS:-} \
+      tests/models/test_sst_cuda.py tests/ops tests/nn tests/test_upscale_api.py \
+      -q -rfE --durations=10 -p no:cacheprovider ${TEST_ARGS:-} \
       --junitxml="$OUT_DIR/pytest.xml" > "$OUT_DIR/pytest.log" 2>&1
   rc=$?
   [ $rc -ne 0 ] && status=$rc

@@ -2,7 +2,7 @@
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_small.py [--only attention|model-ops]
 Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so out-of-bounds accesses are not hidden inside cached blocks.
-"model-ops" are the LayerNorm, depthwise-conv and window-merge kernels of the model's inference path.
+"model-ops" are the LayerNorm, depthwise-conv and window partition/merge kernels of the model's inference path.
 """
 import argparse
 import os
@@ -70,6 +70,10 @@ def model_ops():
         out = torch.ops.rfsr.window_merge(windows, H, W, [wh, ww], list(shift), gate, width)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all() and (out[..., C:] == 0).all(), ("window_merge", B, H, W, C)
+        if gw is not None and (H - 1) // wh * wh + wh - H < H and (W - 1) // ww * ww + ww - W < W:
+            parts = torch.ops.rfsr.window_partition(gate, [wh, ww], list(shift), C)  # (the gate as pixel rows)
+            torch.cuda.synchronize()
+            assert parts.shape == (n, wh * ww, C) and torch.isfinite(parts).all(), ("window_partition", B, H, W, C)
 
 
 def main():

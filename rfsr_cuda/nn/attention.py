@@ -134,7 +134,7 @@ class RIBWindowAttention(RIB):
         self.to_out = nn.Conv2d(dim, dim, 1)
         self.gate = _make_gate(gate_type, dim)
         self.width = dim  # channels in and out: more in the padded inference layout (pad_channels)
-        self.merge_op = False  # window merge, gate sigmoid and product as rfsr::window_merge (use_op)
+        self.window_ops = False  # partition and merge (with the gate) as rfsr::window_partition/_merge (use_op)
         self._indices: dict = {}  # (H, W, device) -> gather indices of _window_indices
 
     def _apply(self, fn, *args, **kwargs):
@@ -183,12 +183,13 @@ class RIBWindowAttention(RIB):
 
     def use_op(self) -> None:
         """Inference ops (no autograd; ``SST.prepare_inference``): the DWC gate's depthwise conv with its bias as
-        ``rfsr::depthwise_conv3x3`` (taps taken from the weights now: call again after changing them), and the window
-        merge with the gate's sigmoid and product as one ``rfsr::window_merge``. Where gradients are needed, or the
-        gate's sigmoid has forward hooks, the modules run as they are."""
+        ``rfsr::depthwise_conv3x3`` (taps taken from the weights now: call again after changing them), pad + shift +
+        partition as one ``rfsr::window_partition``, and merge + unshift + crop with the gate's sigmoid and product as
+        one ``rfsr::window_merge``. Where gradients are needed, or the gate's sigmoid has forward hooks, the modules and
+        gathers run as they are."""
         if self.gate_type == "DWC":
             use_depthwise_op(self.gate[0])
-        self.merge_op = True
+        self.window_ops = True
 
     def _gate(self, x: torch.Tensor, activate: bool = True) -> torch.Tensor | None:
         # the Sequential of the official layout, its 1×1 conv as a GEMM (conv1x1); without `activate` the logits
@@ -223,7 +224,7 @@ class RIBWindowAttention(RIB):
             raise ValueError(f"input {H}×{W} is too small for window {wh}×{ww}: reflect padding needs each side "
                              f"> half the window (at least {wh // 2 + 1}×{ww // 2 + 1})")
         # rfsr::window_merge takes the gate's logits (it applies the sigmoid), unless the sigmoid module has hooks
-        merge_op = self.merge_op and not (self.gate is not None and has_forward_hooks(self.gate[-1]))
+        merge_op = self.window_ops and not (self.gate is not None and has_forward_hooks(self.gate[-1]))
         gate = self._gate(x, activate=not merge_op)
         Hp, Wp = H + pad_h, W + pad_w
         nh, nw, N = Hp // wh, Wp // ww, wh * ww
@@ -232,15 +233,19 @@ class RIBWindowAttention(RIB):
         # 1×1 conv as a GEMM over channels-last pixels (a view when x is channels-last): the channel dim ends up
         # last with unit stride.
         qkv = F.linear(x.permute(0, 2, 3, 1), self.to_qkv.weight.flatten(1), self.to_qkv.bias)
-        if qkv.shape[-1] != 3 * C:  # padded rows (pad_channels): q, k, v are the first 3·C columns
-            qkv = qkv[..., :3 * C]
         dtype = op_dtype(self.attn_backend, qkv.device.type, qkv.dtype)
         reindex = bool(pad_h or pad_w or self.shift)
-        if reindex:
-            rows, cols, win_r, win_c, off_r, off_c = self._gather_indices(H, W, qkv.device)
+        shift = [wh // 2, ww // 2] if self.shift else [0, 0]
+        if self.window_ops and qkv.dtype == dtype and not (torch.is_grad_enabled() and qkv.requires_grad):
+            # pad + shift + partition of the first 3·C columns (pad_channels' rows are wider): one pass
+            windows = torch.ops.rfsr.window_partition(qkv, [wh, ww], shift, 3 * C)
+        elif reindex:
+            qkv = qkv[..., :3 * C]  # padded rows (pad_channels): q, k, v are the first 3·C columns
+            rows, cols = self._gather_indices(H, W, qkv.device)[:2]
             # pad + shift + partition: one gather -> (B, nh, nw, wh, ww, 3C)
             windows = move_words(qkv.to(dtype), lambda t: t[:, rows, cols])
         else:  # partition only: one copy, fused with any dtype cast
+            qkv = qkv[..., :3 * C]
             windows = _contiguous(qkv.unflatten(1, (nh, wh)).unflatten(3, (nw, ww)).permute(0, 1, 3, 2, 4, 5), dtype)
         # q, k, v are strided views of the partition buffer: (B·nh·nw, N, 3, heads, D)[:, :, i]
         windows = windows.view(B * nh * nw, N, 3, self.num_heads, -1)
@@ -250,7 +255,6 @@ class RIBWindowAttention(RIB):
             grad = torch.is_grad_enabled() and (out.requires_grad or (gate is not None and gate.requires_grad))
             if not grad and out.dtype == act_dtype and (gate is None or gate.dtype == act_dtype):
                 # merge + unshift + crop, times sigmoid(gate), into rows of `width`: one pass
-                shift = [wh // 2, ww // 2] if self.shift else [0, 0]
                 out = torch.ops.rfsr.window_merge(out.reshape(B * nh * nw, N, C), H, W, [wh, ww], shift,
                                                   None if gate is None else gate.permute(0, 2, 3, 1), self.width)
                 return F.linear(out, self.to_out.weight.flatten(1), self.to_out.bias).permute(0, 3, 1, 2)
@@ -265,6 +269,7 @@ class RIBWindowAttention(RIB):
         autocast = autocast_enabled(out.device.type)
         padded = self.width != C
         if reindex:  # merge + unshift + crop: one gather -> (B, H, W, C)
+            win_r, win_c, off_r, off_c = self._gather_indices(H, W, out.device)[2:]
             out = move_words(out, lambda t: t[:, win_r, win_c, off_r, off_c]).reshape(B, H, W, C)
             if padded:  # into rows of `width` for to_out, the gate's buffer when there is one
                 out = self._into_padded(out, gate, B, H, W)

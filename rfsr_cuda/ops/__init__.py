@@ -1,9 +1,10 @@
-"""The attention op and its oracle; the LayerNorm, depthwise-conv and window-merge ops of the model's inference path."""
+"""The attention op and its oracle; the LayerNorm, depthwise-conv and window partition/merge ops of the model's
+inference path."""
 from .depthwise import depthwise_conv3x3, depthwise_taps, op_param
 from .flash_rfbias import flash_rfbias
 from .layer_norm import layer_norm_padded
 from .reference import flash_rfbias_concat, flash_rfbias_reference
-from .window_merge import window_merge
+from .windows import window_merge, window_partition
 
 __all__ = ["flash_rfbias", "flash_rfbias_reference", "flash_rfbias_concat", "layer_norm_padded", "depthwise_conv3x3",
-           "depthwise_taps", "op_param", "window_merge"]
+           "depthwise_taps", "op_param", "window_merge", "window_partition"]

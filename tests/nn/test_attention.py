@@ -247,9 +247,10 @@ def test_gather_indices_cached_per_size_and_device():
 
 @pytest.mark.parametrize("size, window, shift, gate", CASES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_merge_op_equals_the_modules_in_float64(size, window, shift, gate, padded):
-    # use_op: merge + unshift + crop, the gate's sigmoid and its product as one rfsr::window_merge (into the padded
-    # rows of pad_channels when padded); the same function as the plain modules
+def test_window_ops_equal_the_modules_in_float64(size, window, shift, gate, padded):
+    # use_op: pad + shift + partition as one rfsr::window_partition, merge + unshift + crop with the gate's sigmoid
+    # and its product as one rfsr::window_merge (into the padded rows of pad_channels when padded); the same
+    # function as the plain modules
     attn = make_attn(window=window, shift=shift, gate_type=gate).double().eval()
     x = torch.randn(2, 12, *size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -260,16 +261,16 @@ def test_merge_op_equals_the_modules_in_float64(size, window, shift, gate, padde
         attn.use_op()
         with OpLog() as log:
             got = attn(x)
-    assert attn.merge_op and got.shape == x.shape
-    assert log.names.count("rfsr") == 2 + (gate == "DWC"), log.names  # attention, merge (and the gate's conv)
-    assert "aten.sigmoid" not in log.names and "aten.mul" not in log.names, log.names
-    assert sum(n.startswith("aten.index") for n in log.names) <= 1, log.names  # the partition's gather only
+    assert attn.window_ops and got.shape == x.shape
+    # partition, attention, merge (and the gate's conv); no gathers, sigmoid or product of their own
+    assert log.names.count("rfsr") == 3 + (gate == "DWC"), log.names
+    assert not [n for n in log.names if n.startswith(("aten.sigmoid", "aten.mul", "aten.index") + COPIES)], log.names
     torch.testing.assert_close(got[:, :12], expected, rtol=0, atol=1e-10)
     if padded:
         assert got[:, 12:].abs().max().item() == 0
 
 
-def test_merge_op_steps_aside_for_gradients_and_sigmoid_hooks():
+def test_window_ops_step_aside_for_gradients_and_sigmoid_hooks():
     attn = make_attn(window=8, shift=True, gate_type="DWC").eval()
     x = torch.randn(1, 12, 13, 19)
     expected = attn(x)

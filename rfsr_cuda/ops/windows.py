@@ -1,12 +1,16 @@
-"""``torch.ops.rfsr.window_merge``: window attention's output back into pixel rows, gated, in one op.
+"""``torch.ops.rfsr.window_partition`` / ``window_merge``: the data movement around window attention, one pass each.
 
-Undoes a window partition (pad at the bottom/right to whole windows, cyclic shift by ``shift``, cut into windows):
+``window_partition`` cuts the first C channels of pixel rows ``(B, H, W, G)`` into windows ``(B·nh·nw, wh·ww, C)``:
+the map is reflect-padded at the bottom/right to whole windows (as ``F.pad(mode='reflect')``) and rolled by ``-shift``
+(``torch.roll``), so position ``i`` of an axis holds padded pixel ``(i + shift) mod padded``.
+
+``window_merge`` undoes such a partition (pad at the bottom/right to whole windows, cyclic shift by ``shift``, cut into windows):
 pixel ``(y, x)`` takes the row of token ``(py % wh) * ww + px % ww`` of window ``(py // wh, px // ww)``, where
 ``(py, px) = ((y − sh) mod Hp, (x − sw) mod Wp)``; the padded positions are dropped. Optionally multiplied by
 ``sigmoid(gate)``, written into rows of ``out_width`` channels whose extra columns are zero (the padded layout SST's
-inference path feeds its 1×1 GEMMs). The schema and the CPU (ATen) and CUDA kernels live in csrc
-(window_merge_op.cpp, window_merge_cuda.cpp, merge/); this module adds the fake kernel and a Python entry point.
-Inference only: no autograd formula.
+inference path feeds its 1×1 GEMMs). The schemas and the CPU (ATen) and CUDA kernels live in csrc (window_ops.cpp,
+window_ops_cuda.cpp, windows/); this module adds the fake kernels and the Python entry points. Inference only: no
+autograd formula.
 """
 from __future__ import annotations
 
@@ -26,16 +30,8 @@ def _pair(v, name: str) -> tuple[int, int]:
     return int(v[0]), int(v[1])
 
 
-def _check(windows, height, width, window, shift, gate, out_width) -> int:
-    """Mirrors check_window_merge_inputs (csrc/window_merge_op.cpp); returns the image count B."""
-    for name, t in (("windows", windows), ("gate", gate)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not windows.dtype.is_floating_point:
-        raise TypeError(f"windows must be a floating-point tensor, got {windows.dtype}")
-    if windows.dim() != 3:
-        raise ValueError(f"windows must be 3-D (B * windows per image, tokens per window, C), got shape "
-                         f"{list(windows.shape)}")
+def _geometry(height, width, window, shift) -> tuple[int, int]:
+    """Mirrors check_geometry (csrc/window_ops.cpp); returns the window grid (nh, nw)."""
     if height < 1 or width < 1:
         raise ValueError(f"height and width must be >= 1, got {height} and {width}")
     (wh, ww), (sh, sw) = window, shift
@@ -44,6 +40,42 @@ def _check(windows, height, width, window, shift, gate, out_width) -> int:
     nh, nw = -(-height // wh), -(-width // ww)
     if not (0 <= sh < nh * wh and 0 <= sw < nw * ww):
         raise ValueError(f"shift must lie in [0, padded size) = [0, {nh * wh}) x [0, {nw * ww}), got {list(shift)}")
+    return nh, nw
+
+
+def _check_partition(x, window, shift, channels) -> int:
+    """Mirrors check_window_partition_inputs (csrc/window_ops.cpp); returns the number of windows."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, H, W, G) pixel rows, got shape {list(x.shape)}")
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"x must have at least one pixel, got shape {list(x.shape)}")
+    H, W = x.shape[1], x.shape[2]
+    nh, nw = _geometry(H, W, window, shift)
+    ph, pw = nh * window[0] - H, nw * window[1] - W
+    if ph >= H or pw >= W:
+        raise ValueError(f"x is {H} x {W}, too small for window {list(window)}: reflect padding to whole windows "
+                         f"needs each side > its padding ({ph} x {pw})")
+    if not 1 <= channels <= x.shape[3]:
+        raise ValueError(f"channels must be in [1, {x.shape[3]}] (the first channels of each pixel row), got {channels}")
+    return x.shape[0] * nh * nw
+
+
+def _check(windows, height, width, window, shift, gate, out_width) -> int:
+    """Mirrors check_window_merge_inputs (csrc/window_ops.cpp); returns the image count B."""
+    for name, t in (("windows", windows), ("gate", gate)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not windows.dtype.is_floating_point:
+        raise TypeError(f"windows must be a floating-point tensor, got {windows.dtype}")
+    if windows.dim() != 3:
+        raise ValueError(f"windows must be 3-D (B * windows per image, tokens per window, C), got shape "
+                         f"{list(windows.shape)}")
+    wh, ww = window
+    nh, nw = _geometry(height, width, window, shift)
     if windows.shape[1] != wh * ww:
         raise ValueError(f"windows must have wh * ww = {wh * ww} tokens per window (dim 1), got shape "
                          f"{list(windows.shape)}")
@@ -66,10 +98,28 @@ def _check(windows, height, width, window, shift, gate, out_width) -> int:
     return B
 
 
+@torch.library.register_fake("rfsr::window_partition")
+def _partition_fake(x, window, shift, channels):
+    n = _check_partition(x, window, shift, channels)
+    return x.new_empty((n, window[0] * window[1], channels))
+
+
 @torch.library.register_fake("rfsr::window_merge")
 def _fake(windows, height, width, window, shift, gate, out_width):
     B = _check(windows, height, width, window, shift, gate, out_width)
     return windows.new_empty((B, height, width, out_width))
+
+
+def window_partition(x: torch.Tensor, window: int | tuple[int, int], shift: int | tuple[int, int] = 0,
+                     channels: int | None = None) -> torch.Tensor:
+    """Windows ``(B·nh·nw, wh·ww, channels)`` of pixel rows ``x`` ``(B, H, W, G)``: the first ``channels`` (default
+    G) of each row, reflect-padded at the bottom/right to whole windows and rolled by ``-shift`` first (the layout of
+    ``RIBWindowAttention``). Rows of x may be wider than ``channels`` (read in place). No autograd."""
+    window, shift = _pair(window, "window"), _pair(shift, "shift")
+    if channels is None:
+        channels = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 0
+    _check_partition(x, window, shift, int(channels))
+    return torch.ops.rfsr.window_partition(x, list(window), list(shift), int(channels))
 
 
 def window_merge(windows: torch.Tensor, size: tuple[int, int], window: int | tuple[int, int],

@@ -1,6 +1,12 @@
-// rfsr::window_merge on CUDA: the parameters of one call (no torch types; csrc/window_merge_cuda.cpp fills them).
+// rfsr::window_partition and rfsr::window_merge on CUDA: the parameters of one call (no torch types;
+// csrc/window_ops_cuda.cpp fills them).
 //
-// Window attention writes its output per window: rows (b * n_windows + window, token) of C channels. This merges
+// window_partition cuts pixel rows (B, H, W) into windows for attention: the map is reflect-padded at the bottom and
+// right to whole windows (Hp = nh * wh, Wp = nw * ww; padded row j >= H is row 2 (H - 1) - j), rolled by -shift
+// (position i holds padded pixel (i + shift) mod Hp), and window (wy, wx), token ty * ww + tx takes position
+// (wy * wh + ty, wx * ww + tx). The first C channels of each pixel row are copied.
+//
+// window_merge is its inverse for the attention output. Window attention writes its output per window: rows (b * n_windows + window, token) of C channels. This merges
 // them back into pixel rows (B, H, W) of `width` channels: pixel (y, x) sat at position ((y - shift_h) mod Hp,
 // (x - shift_w) mod Wp) of the padded (Hp = nh * wh, Wp = nw * ww), cyclically shifted map, i.e. in window
 // (py / wh, px / ww) at token (py % wh) * ww + px % ww. Optionally times sigmoid(gate) (gate: (B, H, W) rows, its
@@ -29,5 +35,18 @@ struct WindowMergeParams {
 };
 
 cudaError_t window_merge(const WindowMergeParams& p, cudaStream_t stream);
+
+struct WindowPartitionParams {
+  const void* x = nullptr;  // (B, H, W) pixel rows, pixel p at p * pixel_stride (first C channels read)
+  int64_t pixel_stride = 0;
+  void* out = nullptr;  // (B * nh * nw, wh * ww, C), contiguous
+  int B = 0, H = 0, W = 0, C = 0;
+  int wh = 1, ww = 1, nh = 1, nw = 1;
+  int shift_h = 0, shift_w = 0;  // in [0, Hp), [0, Wp)
+  MergeDtype dtype = MergeDtype::kFloat32;
+  int vec = 1;  // channels per access (divides C and pixel_stride)
+};
+
+cudaError_t window_partition(const WindowPartitionParams& p, cudaStream_t stream);
 
 }  // namespace rfsr

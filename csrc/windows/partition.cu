@@ -1,0 +1,89 @@
+// rfsr::window_partition on CUDA: pad (reflect, bottom/right) + cyclic shift + window partition of pixel rows in one
+// copy with vector accesses (see params.h for the mapping). One thread per kVec channels of one window token.
+#include "params.h"
+
+#include "../common/elementwise.cuh"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace rfsr {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Padded, shifted position i of an axis of n pixels padded to `padded`: the source pixel.
+__device__ __forceinline__ int source_pixel(int i, int shift, int padded, int n) {
+  int j = i + shift;
+  if (j >= padded) j -= padded;
+  return j < n ? j : 2 * (n - 1) - j;
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) window_partition_kernel(const WindowPartitionParams p, int b0,
+                                                                    unsigned count) {
+  using PackT = Pack<T, kVec>;
+  const unsigned chunks = unsigned(p.C / kVec);
+  const unsigned t = blockIdx.x * unsigned(kThreads) + threadIdx.x;
+  if (t >= count) return;
+  // 32-bit index arithmetic within a launch (count < 2^31), 64-bit only for addresses
+  unsigned row = t / chunks;  // output row of this launch: ((b_local * nh + wy) * nw + wx) * N + token
+  const int c0 = int(t - row * chunks) * kVec;
+  const unsigned N = unsigned(p.wh * p.ww);
+  const unsigned token = row % N;
+  unsigned w = row / N;
+  const int wx = int(w % unsigned(p.nw));
+  w /= unsigned(p.nw);
+  const int wy = int(w % unsigned(p.nh));
+  const int b = b0 + int(w / unsigned(p.nh));
+  const int ty = int(token / unsigned(p.ww)), tx = int(token % unsigned(p.ww));
+  const int y = source_pixel(wy * p.wh + ty, p.shift_h, p.nh * p.wh, p.H);
+  const int x = source_pixel(wx * p.ww + tx, p.shift_w, p.nw * p.ww, p.W);
+  const T* src = static_cast<const T*>(p.x) + ((int64_t(b) * p.H + y) * p.W + x) * p.pixel_stride + c0;
+  T* dst = static_cast<T*>(p.out) + (int64_t(b0) * p.nh * p.nw * N + row) * p.C + c0;
+  *reinterpret_cast<PackT*>(dst) = *reinterpret_cast<const PackT*>(src);
+}
+
+template <typename T, int kVec>
+cudaError_t launch(const WindowPartitionParams& p, cudaStream_t stream) {
+  // whole images per launch, fewer than 2^31 threads each
+  const int64_t per_image = int64_t(p.nh) * p.nw * p.wh * p.ww * (p.C / kVec);
+  if (per_image > int64_t(0x7fffffff) - kThreads) return cudaErrorInvalidValue;
+  const int chunk = int(std::min<int64_t>(p.B, (int64_t(0x7fffffff) - kThreads) / per_image));
+  for (int b0 = 0; b0 < p.B; b0 += chunk) {
+    const unsigned count = unsigned(std::min(chunk, p.B - b0) * per_image);
+    window_partition_kernel<T, kVec><<<dim3((count + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p, b0, count);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t dispatch_vec(const WindowPartitionParams& p, cudaStream_t stream) {
+  switch (p.vec) {
+    case 1: return launch<T, 1>(p, stream);
+    case 2: return launch<T, 2>(p, stream);
+    case 4: return launch<T, 4>(p, stream);
+    case 8: return launch<T, 8>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t window_partition(const WindowPartitionParams& p, cudaStream_t stream) {
+  if (p.B == 0) return cudaSuccess;
+  if (p.H <= 0 || p.W <= 0 || p.C <= 0 || p.vec <= 0 || p.C % p.vec) return cudaErrorInvalidValue;
+  // reflect padding needs fewer padded rows than pixels (as F.pad's 'reflect')
+  if (p.wh <= 0 || p.ww <= 0 || p.nh * p.wh - p.H >= p.H || p.nw * p.ww - p.W >= p.W) return cudaErrorInvalidValue;
+  if (p.shift_h < 0 || p.shift_h >= p.nh * p.wh || p.shift_w < 0 || p.shift_w >= p.nw * p.ww) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case MergeDtype::kFloat32: return dispatch_vec<float>(p, stream);
+    case MergeDtype::kFloat16: return dispatch_vec<__half>(p, stream);
+    case MergeDtype::kBFloat16: return dispatch_vec<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace rfsr
