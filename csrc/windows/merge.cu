@@ -2,7 +2,7 @@
 // gate, into rows padded with zero columns, in one pass. PyTorch needs a gather, a sigmoid and a strided product
 // (the latter unvectorised: the gate's rows are wider than C) for the same result.
 //
-// One thread per kVec channels of one output pixel; columns past C are written as zeros.
+// A group of lanes per output pixel (as many as its vectors, up to a warp); columns past C are written as zeros.
 #include "params.h"
 
 #include "../common/elementwise.cuh"
@@ -16,29 +16,21 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T, int kVec, bool kGate>
-__global__ void __launch_bounds__(kThreads) window_merge_kernel(const WindowMergeParams p, int b0, unsigned count) {
+__global__ void __launch_bounds__(kThreads) window_merge_kernel(const WindowMergeParams p, int b0, unsigned pixels,
+                                                                int lanes) {
   using PackT = Pack<T, kVec>;
-  const unsigned chunks = unsigned(p.width / kVec);
+  // A group of `lanes` lanes per output pixel: the index arithmetic once per pixel (32-bit within a launch,
+  // pixels < 2^31), then the lanes stride over the row's vectors.
   const unsigned t = blockIdx.x * unsigned(kThreads) + threadIdx.x;
-  if (t >= count) return;
-  // 32-bit index arithmetic within a launch (count < 2^31; 64-bit division is a long software sequence), 64-bit
-  // only for addresses
-  const unsigned local = t / chunks;  // pixel of this launch's images
-  const int c0 = int(t - local * chunks) * kVec;
+  const unsigned local = t / unsigned(lanes);
+  if (local >= pixels) return;
+  const int lane = int(t - local * unsigned(lanes));
   const unsigned row = local / unsigned(p.W);  // b_local * H + y
   const int x = int(local - row * unsigned(p.W));
   const int bl = int(row / unsigned(p.H));
   const int y = int(row - unsigned(bl) * unsigned(p.H));
   const int b = b0 + bl;
   const int64_t pixel = (int64_t(b) * p.H + y) * p.W + x;
-  T* out = static_cast<T*>(p.out) + pixel * p.width + c0;
-  PackT res;
-  if (c0 >= p.C) {
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) res.v[e] = Conv<T>::store(0.f);
-    *reinterpret_cast<PackT*>(out) = res;
-    return;
-  }
   // position in the padded, shifted map: (y - shift) mod the padded size
   int py = y - p.shift_h, px = x - p.shift_w;
   if (py < 0) py += p.nh * p.wh;
@@ -46,35 +38,48 @@ __global__ void __launch_bounds__(kThreads) window_merge_kernel(const WindowMerg
   const int wy = py / p.wh, wx = px / p.ww;
   const int64_t window = (int64_t(b) * p.nh + wy) * p.nw + wx;
   const int token = (py - wy * p.wh) * p.ww + (px - wx * p.ww);
-  const T* src = static_cast<const T*>(p.windows) + window * p.win_stride + int64_t(token) * p.tok_stride + c0;
-  const PackT v = *reinterpret_cast<const PackT*>(src);
-  if constexpr (kGate) {
-    const PackT g = *reinterpret_cast<const PackT*>(static_cast<const T*>(p.gate) + pixel * p.gate_pixel_stride + c0);
+  const PackT* __restrict__ src =
+      reinterpret_cast<const PackT*>(static_cast<const T*>(p.windows) + window * p.win_stride + int64_t(token) * p.tok_stride);
+  const PackT* __restrict__ gate =
+      reinterpret_cast<const PackT*>(static_cast<const T*>(p.gate) + (kGate ? pixel * p.gate_pixel_stride : 0));
+  PackT* __restrict__ out = reinterpret_cast<PackT*>(static_cast<T*>(p.out) + pixel * p.width);
+  const int n_in = p.C / kVec, n_out = p.width / kVec;
+#pragma unroll 2
+  for (int c = lane; c < n_out; c += lanes) {
+    PackT res;
+    if (c >= n_in) {  // columns past C: zeros
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      // rounded where the unfused ops round: sigmoid(gate), then the product
-      const float s = Conv<T>::load(Conv<T>::store(1.0f / (1.0f + expf(-Conv<T>::load(g.v[e])))));
-      res.v[e] = Conv<T>::store(s * Conv<T>::load(v.v[e]));
+      for (int e = 0; e < kVec; ++e) res.v[e] = Conv<T>::store(0.f);
+    } else if constexpr (kGate) {
+      const PackT v = src[c], g = gate[c];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        // rounded where the unfused ops round: sigmoid(gate), then the product
+        const float s = Conv<T>::load(Conv<T>::store(1.0f / (1.0f + expf(-Conv<T>::load(g.v[e])))));
+        res.v[e] = Conv<T>::store(s * Conv<T>::load(v.v[e]));
+      }
+    } else {
+      res = src[c];
     }
-  } else {
-    res = v;
+    out[c] = res;
   }
-  *reinterpret_cast<PackT*>(out) = res;
 }
 
 template <typename T, int kVec>
 cudaError_t launch(const WindowMergeParams& p, cudaStream_t stream) {
+  const int lanes = lanes_for(p.width / kVec);
   // whole images per launch, fewer than 2^31 threads each
-  const int64_t per_image = int64_t(p.H) * p.W * (p.width / kVec);
+  const int64_t per_image = int64_t(p.H) * p.W * lanes;
   if (per_image > int64_t(0x7fffffff) - kThreads) return cudaErrorInvalidValue;
   const int chunk = int(std::min<int64_t>(p.B, (int64_t(0x7fffffff) - kThreads) / per_image));
   for (int b0 = 0; b0 < p.B; b0 += chunk) {
-    const unsigned count = unsigned(std::min(chunk, p.B - b0) * per_image);
-    const dim3 grid((count + kThreads - 1) / kThreads);
+    const int64_t threads = std::min(chunk, p.B - b0) * per_image;
+    const unsigned pixels = unsigned(threads / lanes);
+    const dim3 grid(unsigned((threads + kThreads - 1) / kThreads));
     if (p.gate != nullptr) {
-      window_merge_kernel<T, kVec, true><<<grid, kThreads, 0, stream>>>(p, b0, count);
+      window_merge_kernel<T, kVec, true><<<grid, kThreads, 0, stream>>>(p, b0, pixels, lanes);
     } else {
-      window_merge_kernel<T, kVec, false><<<grid, kThreads, 0, stream>>>(p, b0, count);
+      window_merge_kernel<T, kVec, false><<<grid, kThreads, 0, stream>>>(p, b0, pixels, lanes);
     }
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;

@@ -21,6 +21,14 @@ namespace rfsr {
 
 enum class MergeDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// The lanes the kernels give one row of `vectors` accesses: as many as the vectors up to a warp, so every lane of a
+// row moves the same number of vectors (the fewest passes of at most 32 lanes: SST's 135 vectors take 5 passes of
+// 27 lanes, SST-light's 18 one pass of 18).
+inline int lanes_for(int vectors) {
+  const int passes = (vectors + 31) / 32;
+  return (vectors + passes - 1) / passes;
+}
+
 struct WindowMergeParams {
   const void* windows = nullptr;  // rows of C channels: window row w * N + token at w * win_stride + token * tok_stride
   int64_t win_stride = 0, tok_stride = 0;

@@ -1,5 +1,5 @@
 // rfsr::window_partition on CUDA: pad (reflect, bottom/right) + cyclic shift + window partition of pixel rows in one
-// copy with vector accesses (see params.h for the mapping). One thread per kVec channels of one window token.
+// copy with vector accesses (see params.h for the mapping). A group of lanes per window token.
 #include "params.h"
 
 #include "../common/elementwise.cuh"
@@ -21,14 +21,14 @@ __device__ __forceinline__ int source_pixel(int i, int shift, int padded, int n)
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) window_partition_kernel(const WindowPartitionParams p, int b0,
-                                                                    unsigned count) {
+                                                                    unsigned rows, int lanes) {
   using PackT = Pack<T, kVec>;
-  const unsigned chunks = unsigned(p.C / kVec);
+  // A group of `lanes` lanes per output row (window token): the index arithmetic once per row (32-bit within a
+  // launch, rows < 2^31), then the lanes stride over the row's vectors.
   const unsigned t = blockIdx.x * unsigned(kThreads) + threadIdx.x;
-  if (t >= count) return;
-  // 32-bit index arithmetic within a launch (count < 2^31), 64-bit only for addresses
-  unsigned row = t / chunks;  // output row of this launch: ((b_local * nh + wy) * nw + wx) * N + token
-  const int c0 = int(t - row * chunks) * kVec;
+  const unsigned row = t / unsigned(lanes);
+  if (row >= rows) return;
+  const int lane = int(t - row * unsigned(lanes));
   const unsigned N = unsigned(p.wh * p.ww);
   const unsigned token = row % N;
   unsigned w = row / N;
@@ -39,20 +39,27 @@ __global__ void __launch_bounds__(kThreads) window_partition_kernel(const Window
   const int ty = int(token / unsigned(p.ww)), tx = int(token % unsigned(p.ww));
   const int y = source_pixel(wy * p.wh + ty, p.shift_h, p.nh * p.wh, p.H);
   const int x = source_pixel(wx * p.ww + tx, p.shift_w, p.nw * p.ww, p.W);
-  const T* src = static_cast<const T*>(p.x) + ((int64_t(b) * p.H + y) * p.W + x) * p.pixel_stride + c0;
-  T* dst = static_cast<T*>(p.out) + (int64_t(b0) * p.nh * p.nw * N + row) * p.C + c0;
-  *reinterpret_cast<PackT*>(dst) = *reinterpret_cast<const PackT*>(src);
+  const PackT* __restrict__ src = reinterpret_cast<const PackT*>(static_cast<const T*>(p.x) +
+                                                                  ((int64_t(b) * p.H + y) * p.W + x) * p.pixel_stride);
+  PackT* __restrict__ dst = reinterpret_cast<PackT*>(static_cast<T*>(p.out) +
+                                                     (int64_t(b0) * p.nh * p.nw * N + row) * p.C);
+  const int n = p.C / kVec;
+#pragma unroll 4
+  for (int c = lane; c < n; c += lanes) dst[c] = src[c];
 }
 
 template <typename T, int kVec>
 cudaError_t launch(const WindowPartitionParams& p, cudaStream_t stream) {
+  const int lanes = lanes_for(p.C / kVec);
   // whole images per launch, fewer than 2^31 threads each
-  const int64_t per_image = int64_t(p.nh) * p.nw * p.wh * p.ww * (p.C / kVec);
+  const int64_t per_image = int64_t(p.nh) * p.nw * p.wh * p.ww * lanes;
   if (per_image > int64_t(0x7fffffff) - kThreads) return cudaErrorInvalidValue;
   const int chunk = int(std::min<int64_t>(p.B, (int64_t(0x7fffffff) - kThreads) / per_image));
   for (int b0 = 0; b0 < p.B; b0 += chunk) {
-    const unsigned count = unsigned(std::min(chunk, p.B - b0) * per_image);
-    window_partition_kernel<T, kVec><<<dim3((count + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p, b0, count);
+    const int64_t threads = std::min(chunk, p.B - b0) * per_image;
+    const unsigned rows = unsigned(threads / lanes);
+    window_partition_kernel<T, kVec><<<dim3(unsigned((threads + kThreads - 1) / kThreads)), kThreads, 0, stream>>>(
+        p, b0, rows, lanes);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
