@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..ops import flash_rfbias, flash_rfbias_concat, flash_rfbias_reference
 from .rib import (RIB, autocast_enabled, check_positive_int, conv1x1, depthwise3x3, has_forward_hooks, move_words,
-                  no_autocast, padded_width, use_depthwise_op, zero_padded)
+                  needs_grad, no_autocast, padded_width, use_depthwise_op, zero_padded)
 
 ATTN_BACKENDS = ("fused", "concat", "reference")
 GATE_TYPES = (None, "DWC", "Linear")
@@ -236,7 +236,7 @@ class RIBWindowAttention(RIB):
         dtype = op_dtype(self.attn_backend, qkv.device.type, qkv.dtype)
         reindex = bool(pad_h or pad_w or self.shift)
         shift = [wh // 2, ww // 2] if self.shift else [0, 0]
-        if self.window_ops and qkv.dtype == dtype and not (torch.is_grad_enabled() and qkv.requires_grad):
+        if self.window_ops and qkv.dtype == dtype and not needs_grad(qkv):
             # pad + shift + partition of the first 3·C columns (pad_channels' rows are wider): one pass
             windows = torch.ops.rfsr.window_partition(qkv, [wh, ww], shift, 3 * C)
         elif reindex:
@@ -252,8 +252,7 @@ class RIBWindowAttention(RIB):
         out = self._attend(windows[:, :, 0], windows[:, :, 1], windows[:, :, 2])  # (B·nh·nw, N, heads, D)
 
         if merge_op:
-            grad = torch.is_grad_enabled() and (out.requires_grad or (gate is not None and gate.requires_grad))
-            if not grad and out.dtype == act_dtype and (gate is None or gate.dtype == act_dtype):
+            if not needs_grad(out, gate) and out.dtype == act_dtype and (gate is None or gate.dtype == act_dtype):
                 # merge + unshift + crop, times sigmoid(gate), into rows of `width`: one pass
                 out = torch.ops.rfsr.window_merge(out.reshape(B * nh * nw, N, C), H, W, [wh, ww], shift,
                                                   None if gate is None else gate.permute(0, 2, 3, 1), self.width)

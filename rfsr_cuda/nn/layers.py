@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import RIBWindowAttention
-from .rib import (check_positive_int, conv1x1, depthwise3x3, has_forward_hooks, op_may_replace, padded_width,
-                  use_depthwise_op, zero_padded)
+from .rib import (check_positive_int, conv1x1, depthwise3x3, has_forward_hooks, needs_grad, op_may_replace,
+                  padded_width, use_depthwise_op, zero_padded)
 
 UPSAMPLER_TYPES = ("pixelshuffle_direct", "pixelshuffle", "nn+conv")
 
@@ -52,8 +52,7 @@ class LayerNorm2d(nn.Module):
 
     def _op(self, x: torch.Tensor) -> bool:
         # the op has no autograd formula: anything that needs gradients takes the ATen route
-        return self.fused and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                                                or self.bias.requires_grad))
+        return self.fused and not needs_grad(x, self.weight, self.bias)
 
     def _aten(self, s: torch.Tensor) -> torch.Tensor:
         out = F.layer_norm(s.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)

@@ -109,10 +109,16 @@ def has_forward_hooks(module: nn.Module) -> bool:
                 or _m._global_forward_hooks)
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an op on ``tensors`` (None entries ignored): then an inference-only op (no
+    autograd formula) may not run."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def op_may_replace(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether an inference-only fused op (no autograd formula) may stand in for calling ``module`` on ``x``: no
     gradient is needed and no forward hook would be skipped (the upscaler's valid-region hooks change conv inputs)."""
-    return not (torch.is_grad_enabled() and x.requires_grad) and not has_forward_hooks(module)
+    return not needs_grad(x) and not has_forward_hooks(module)
 
 
 def use_depthwise_op(conv: nn.Conv2d) -> None:
@@ -227,7 +233,7 @@ class RIB(nn.Module):
     def _cache_usable(self) -> bool:
         if self.training or torch.compiler.is_compiling():
             return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.rib_parameters()))
+        return not needs_grad(*self.rib_parameters())
 
     def _param_stamp(self, params) -> tuple | None:
         """What identifies the parameters' current values without reading them (None: cannot be told)."""

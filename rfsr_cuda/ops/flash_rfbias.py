@@ -81,6 +81,15 @@ def flash_rfbias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_q: torc
     return torch.ops.rfsr.flash_rfbias(q, k, v, bias_q, bias_k, scale)
 
 
+def cuda_kernels_built(*ops: str) -> bool:
+    """Whether this build registered CUDA kernels for the rfsr ops ``ops`` (names without ``rfsr::``); a CPU-only build
+    of the extension has none. False where PyTorch cannot tell."""
+    try:
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"rfsr::{op}", "CUDA") for op in ops)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _PATH_ENV = {"fwd": "RFSR_FWD_PATH", "bwd": "RFSR_BWD_PATH"}
 
 

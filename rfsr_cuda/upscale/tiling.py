@@ -84,13 +84,12 @@ def resolve_precision(precision: Optional[str], device: torch.device) -> torch.d
 def _prepared_default(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``prepared=None`` takes the prepared copy: CUDA, bf16/fp16, an SST-like model, and this build's CUDA
     kernels for the ops it uses (a CPU-only build of the extension has none)."""
+    from ..ops import cuda_kernels_built
+
     if device.type != "cuda" or dtype == torch.float32 or not callable(getattr(model, "prepare_inference", None)):
         return False
-    try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"rfsr::{op}", "CUDA")
-                   for op in ("layer_norm", "add_layer_norm", "depthwise_conv3x3", "flash_rfbias_fwd"))
-    except (AttributeError, RuntimeError):
-        return False
+    return cuda_kernels_built("flash_rfbias_fwd", "layer_norm", "add_layer_norm", "depthwise_conv3x3",
+                              "window_partition", "window_merge")
 
 
 def model_alignment(model: nn.Module) -> int:

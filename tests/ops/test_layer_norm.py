@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rfsr_cuda.ops import layer_norm_padded
+from rfsr_cuda.ops import cuda_kernels_built, layer_norm_padded
 
 OPS = torch.ops.rfsr
 cuda = pytest.mark.cuda
@@ -126,7 +126,7 @@ def test_compiles_without_graph_breaks():
 # ---- CUDA (the kernel in csrc/layernorm) ------------------------------------------------------------------------
 
 def _cuda_kernels_built():
-    return torch._C._dispatch_has_kernel_for_dispatch_key("rfsr::layer_norm", "CUDA")
+    return cuda_kernels_built("layer_norm", "add_layer_norm")
 
 
 CUDA_CASES = [  # shape, width, pad_rows (x a view of wider rows when > 0)
