@@ -1,12 +1,13 @@
 """The model-level ops of the inference path against the PyTorch ops they replace, on SST's 720p shapes (bf16).
 
-``rfsr::layer_norm`` / ``add_layer_norm`` (rows of 180 → 184, 48 and 224 channels, 192×320 pixels) against
+``rfsr::layer_norm`` / ``add_layer_norm`` (rows of 180 → 184, 180 of 184, 48 and 224 channels, 192×320 pixels) against
 ``F.layer_norm`` (after ``x + y``), and ``rfsr::depthwise_conv3x3`` (the FFN's ``x + gelu(dwc(x))`` and the gate's
 ``dwc(x)`` for 232, 184, 72 and 48 channels, 180×320 pixels) against cuDNN's conv plus PyTorch's GELU and add, and
 ``rfsr::window_merge`` (windows back to 180×320 pixel rows, shifted and cropped, times ``sigmoid(gate)``, into the
 padded rows: SST's 180 → 184 channels at 64×64 windows, SST-light's 60 → 64 at 16×16) against the attention layer's
 unfused route (one gather, ``sigmoid``, the product into the gate's padded rows), and ``rfsr::window_partition``
-(pad + shift + partition of the q, k, v columns of the projection's rows) against the layer's gather of 8-byte words.
+(pad + shift + partition of the q, k, v columns of the projection's rows) against the layer's gather of 8-byte words;
+a block's 3×3 conv and residual add at 180 and 184 channels, and the ×4 'pixelshuffle' upsampler unfolded and folded.
 Each time is the best of 5 runs of 200 back-to-back calls between CUDA events (microseconds per call), so launch
 gaps do not count; TB/s counts the bytes each op must move once.
 
@@ -42,20 +43,24 @@ def per_call_us(fn, calls: int = 200, reps: int = 5) -> float:
 def layer_norm_rows(rows: list) -> None:
     from rfsr_cuda.ops import layer_norm_padded
     M = 192 * 320
-    for C, width in ((180, 184), (48, 48), (224, 224)):
-        x = torch.randn(M, C, device="cuda", dtype=torch.bfloat16)
+    # (channels, input row width, output width): rows of 184 carry SST's 180 channels and 4 zeros (the padded
+    # residual stream of SST.pad_channels: statistics of the first 180 through norm_cols, 16-byte accesses)
+    for C, row, width in ((180, 180, 184), (180, 184, 184), (48, 48, 48), (224, 224, 224)):
+        x = torch.randn(M, row, device="cuda", dtype=torch.bfloat16)
         y = torch.randn_like(x)
-        w, b = torch.randn(C, device="cuda", dtype=torch.bfloat16), torch.randn(C, device="cuda", dtype=torch.bfloat16)
-        mb_in, mb_out = M * C * 2 / 1e6, M * width * 2 / 1e6
-        t = {"torch_layer_norm_us": per_call_us(lambda: F.layer_norm(x, (C,), w, b, 1e-6)),
-             "torch_add_layer_norm_us": per_call_us(lambda: F.layer_norm(x + y, (C,), w, b, 1e-6)),
-             "rfsr_layer_norm_us": per_call_us(lambda: layer_norm_padded(x, w, b, 1e-6, width)),
-             "rfsr_add_layer_norm_us": per_call_us(lambda: layer_norm_padded(x, w, b, 1e-6, width, residual=y))}
+        w, b = torch.randn(row, device="cuda", dtype=torch.bfloat16), torch.randn(row, device="cuda", dtype=torch.bfloat16)
+        n = C if row != C else None
+        mb_in, mb_out = M * row * 2 / 1e6, M * width * 2 / 1e6
+        t = {"torch_layer_norm_us": per_call_us(lambda: F.layer_norm(x[:, :C], (C,), w[:C], b[:C], 1e-6)),
+             "torch_add_layer_norm_us": per_call_us(lambda: F.layer_norm((x + y)[:, :C], (C,), w[:C], b[:C], 1e-6)),
+             "rfsr_layer_norm_us": per_call_us(lambda: layer_norm_padded(x, w, b, 1e-6, width, norm_cols=n)),
+             "rfsr_add_layer_norm_us": per_call_us(
+                 lambda: layer_norm_padded(x, w, b, 1e-6, width, residual=y, norm_cols=n))}
         t["rfsr_layer_norm_tbs"] = (mb_in + mb_out) / t["rfsr_layer_norm_us"]
         t["rfsr_add_layer_norm_tbs"] = (3 * mb_in + mb_out) / t["rfsr_add_layer_norm_us"]  # x, y in; sum, out
-        rows.append({"op": "layer_norm", "rows": M, "channels": C, "width": width, **t})
-        print(f"layer_norm {M} x {C} -> {width}: F.layer_norm {t['torch_layer_norm_us']:.1f} us, + add "
-              f"{t['torch_add_layer_norm_us']:.1f} us | rfsr {t['rfsr_layer_norm_us']:.1f} us "
+        rows.append({"op": "layer_norm", "rows": M, "channels": C, "row_width": row, "width": width, **t})
+        print(f"layer_norm {M} x {C} (rows of {row}) -> {width}: F.layer_norm {t['torch_layer_norm_us']:.1f} us, "
+              f"+ add {t['torch_add_layer_norm_us']:.1f} us | rfsr {t['rfsr_layer_norm_us']:.1f} us "
               f"({t['rfsr_layer_norm_tbs']:.2f} TB/s), with the add {t['rfsr_add_layer_norm_us']:.1f} us "
               f"({t['rfsr_add_layer_norm_tbs']:.2f} TB/s)")
 
@@ -71,12 +76,18 @@ def depthwise_rows(rows: list) -> None:
         t = {"torch_ffn_us": per_call_us(lambda: x + F.gelu(conv(x))),
              "torch_conv_us": per_call_us(lambda: conv(x)),
              "rfsr_ffn_us": per_call_us(lambda: depthwise_conv3x3(x, taps, bias, gelu=True, residual=True)),
-             "rfsr_conv_us": per_call_us(lambda: depthwise_conv3x3(x, taps, bias))}
+             "rfsr_conv_us": per_call_us(lambda: depthwise_conv3x3(x, taps, bias)),
+             # the FFN's GELU before the conv: separate (F.gelu, then the op) and inside the op (gelu_input)
+             "gelu_then_rfsr_ffn_us": per_call_us(
+                 lambda: depthwise_conv3x3(F.gelu(x), taps, bias, gelu=True, residual=True)),
+             "rfsr_gelu_ffn_us": per_call_us(
+                 lambda: depthwise_conv3x3(x, taps, bias, gelu=True, residual=True, gelu_input=True))}
         t["rfsr_ffn_tbs"] = 2 * x.numel() * 2 / 1e6 / t["rfsr_ffn_us"]
         rows.append({"op": "depthwise_conv3x3", "shape": list(x.shape), **t})
         print(f"depthwise 3x3, {C} channels, 180x320: x + gelu(conv(x)) {t['torch_ffn_us']:.1f} us, conv(x) "
               f"{t['torch_conv_us']:.1f} us | rfsr fused {t['rfsr_ffn_us']:.1f} us ({t['rfsr_ffn_tbs']:.2f} TB/s), "
-              f"conv only {t['rfsr_conv_us']:.1f} us")
+              f"conv only {t['rfsr_conv_us']:.1f} us | input GELU: separate {t['gelu_then_rfsr_ffn_us']:.1f} us, "
+              f"inside {t['rfsr_gelu_ffn_us']:.1f} us")
 
 
 def merge_rows(rows: list) -> None:
@@ -124,6 +135,49 @@ def partition_rows(rows: list) -> None:
               f"{t['torch_us']:.1f} us | rfsr {t['rfsr_us']:.1f} us ({t['rfsr_tbs']:.2f} TB/s)")
 
 
+def stream_rows(rows: list) -> None:
+    """The residual stream's own ops at 180 channels (cuDNN pads them) against 184 (SST.pad_channels): a block's
+    3×3 conv with its residual add, and SST's 'pixelshuffle' ×4 upsampler unfolded against folded."""
+    from rfsr_cuda.nn import Upsampler
+    H, W = 180, 320
+    cl = torch.channels_last
+    for C in (180, 184):
+        conv = torch.nn.Conv2d(C, C, 3, padding=1).cuda().to(torch.bfloat16, memory_format=cl)
+        x = torch.randn(1, C, H, W, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
+        f = torch.randn_like(x)
+        with torch.no_grad():
+            us = per_call_us(lambda: x + conv(x + f))
+        rows.append({"op": "block_conv3x3", "pixels": [H, W], "channels": C, "rfsr_us": us})
+        print(f"block tail x + conv3x3(x + f), {C} channels, {H}x{W}: {us:.1f} us")
+    torch.manual_seed(0)
+    up = Upsampler(180, 4, "pixelshuffle", 64).cuda().eval()
+    feat = torch.randn(1, 180, H, W, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
+    skip = torch.rand(1, 3, H, W, device="cuda")
+    t = {}
+
+    def graphed():  # replayed from a CUDA graph: the folded route's strips are small launches, host-bound eager
+        with torch.no_grad():
+            up(feat, skip)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = up(feat, skip)
+        return g, out
+
+    with torch.no_grad():
+        up.fold(torch.bfloat16)
+        up.to(torch.bfloat16, memory_format=cl)
+        g, folded = graphed()
+        t["rfsr_us"] = per_call_us(g.replay, calls=50)
+        up._fold_w = None
+        g, plain = graphed()
+        t["torch_us"] = per_call_us(g.replay, calls=50)
+    t["rel_l2"] = ((folded - plain).norm() / plain.norm()).item()
+    rows.append({"op": "upsampler_pixelshuffle_x4", "pixels": [H, W], "channels": 180, **t})
+    print(f"pixelshuffle x4 upsampler, 180 channels, {H}x{W}, CUDA graph: unfolded {t['torch_us']:.1f} us | folded "
+          f"{t['rfsr_us']:.1f} us (rel. L2 {t['rel_l2']:.1e})")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON file to write (default: print only)")
@@ -137,6 +191,7 @@ def main(argv=None) -> None:
     depthwise_rows(rows)
     merge_rows(rows)
     partition_rows(rows)
+    stream_rows(rows)
     if a.out:
         res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "dtype": "bfloat16",

@@ -7,6 +7,7 @@
 
 #include <climits>
 
+#include "common/aten_dtype.h"
 #include "dwconv/params.h"
 #include "dwconv_op.h"
 #include "rfbias_checks.h"
@@ -15,10 +16,10 @@ namespace rfsr {
 namespace {
 
 at::Tensor dwconv_cuda(const at::Tensor& x_in, const at::Tensor& taps_in, const std::optional<at::Tensor>& bias_in,
-                       bool gelu, bool residual) {
+                       bool gelu, bool residual, bool gelu_input) {
   check_dwconv_inputs(x_in, taps_in, bias_in);
   const auto st = x_in.scalar_type();
-  if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16) return dwconv_aten(x_in, taps_in, bias_in, gelu, residual);
+  if (!is_elem_dtype(st)) return dwconv_aten(x_in, taps_in, bias_in, gelu, residual, gelu_input);
   TORCH_CHECK_VALUE(x_in.size(2) <= INT_MAX && x_in.size(3) <= INT_MAX && x_in.size(1) <= INT_MAX,
                     "x: sizes too large for the CUDA kernel, got shape ", shape_str(x_in));
   c10::cuda::CUDAGuard guard(x_in.device());
@@ -38,9 +39,10 @@ at::Tensor dwconv_cuda(const at::Tensor& x_in, const at::Tensor& taps_in, const 
   p.C = static_cast<int>(x.size(1));
   p.H = static_cast<int>(x.size(2));
   p.W = static_cast<int>(x.size(3));
+  p.gelu_input = gelu_input;
   p.gelu = gelu;
   p.residual = residual;
-  p.dtype = st == at::kFloat ? DwDtype::kFloat32 : st == at::kHalf ? DwDtype::kFloat16 : DwDtype::kBFloat16;
+  p.dtype = elem_dtype(st, "rfsr::depthwise_conv3x3");
   const int64_t es = x.element_size();
   for (int vec = static_cast<int>(8 / es); vec >= 1; vec /= 2) {  // 8-byte accesses at most (the kernel's tile)
     if (p.C % vec == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % (vec * es) == 0) {

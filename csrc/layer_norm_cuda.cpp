@@ -7,21 +7,13 @@
 
 #include <climits>
 
+#include "common/aten_dtype.h"
 #include "layer_norm_op.h"
 #include "layernorm/params.h"
 #include "rfbias_checks.h"
 
 namespace rfsr {
 namespace {
-
-LnDtype ln_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return LnDtype::kFloat32;
-    case at::kHalf: return LnDtype::kFloat16;
-    case at::kBFloat16: return LnDtype::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "rfsr::layer_norm on CUDA takes float32, float16 or bfloat16, got ", dtype_str(t));
-  }
-}
 
 // The stride between consecutive rows when the leading dims collapse into one (a contiguous tensor, or a view of
 // the first columns of wider rows), else -1.
@@ -46,14 +38,15 @@ bool aligned(const at::Tensor& t, int64_t stride, int64_t bytes) {
 
 std::tuple<at::Tensor, at::Tensor> layer_norm_cuda_impl(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
                                                         const at::Tensor& weight_in, const at::Tensor& bias_in,
-                                                        double eps, int64_t width) {
-  const int64_t C = check_layer_norm_inputs(x_in, y_in, weight_in, bias_in, eps, width);
-  if (x_in.scalar_type() == at::kDouble) return layer_norm_aten(x_in, y_in, weight_in, bias_in, eps, width);
-  const LnDtype dt = ln_dtype(x_in);
+                                                        double eps, int64_t width, std::optional<int64_t> norm_cols) {
+  const int64_t n_stat = check_layer_norm_inputs(x_in, y_in, weight_in, bias_in, eps, width, norm_cols);
+  const int64_t C = x_in.size(-1);
+  if (x_in.scalar_type() == at::kDouble) return layer_norm_aten(x_in, y_in, weight_in, bias_in, eps, width, norm_cols);
+  const ElemDtype dt = elem_dtype(x_in.scalar_type(), "rfsr::layer_norm");
   const bool param_f32 = weight_in.scalar_type() == at::kFloat && bias_in.scalar_type() == at::kFloat;
   const bool param_same = weight_in.scalar_type() == x_in.scalar_type() && bias_in.scalar_type() == x_in.scalar_type();
   if ((!param_f32 && !param_same) || C > int64_t(kLayerNormMaxAccesses) * 8 || width > INT_MAX) {
-    return layer_norm_aten(x_in, y_in, weight_in, bias_in, eps, width);  // mixed parameter dtypes, very wide rows
+    return layer_norm_aten(x_in, y_in, weight_in, bias_in, eps, width, norm_cols);  // mixed parameter dtypes, wide rows
   }
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = row_stride(x_in) < 0 ? x_in.contiguous() : x_in;
@@ -78,12 +71,13 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_cuda_impl(const at::Tensor& x_in, 
   p.sum = y.has_value() ? sum.data_ptr() : nullptr;
   p.rows = rows;
   p.cols = static_cast<int>(C);
+  p.norm_cols = static_cast<int>(n_stat);
   p.width = static_cast<int>(width);
   p.x_row_stride = row_stride(x);
   p.y_row_stride = y.has_value() ? row_stride(*y) : 0;
   p.eps = static_cast<float>(eps);
   p.dtype = dt;
-  p.param_dtype = param_f32 ? LnDtype::kFloat32 : dt;
+  p.param_dtype = param_f32 ? ElemDtype::kFloat32 : dt;
   // The widest access (up to 16 bytes) that divides the row, the padded row and every pointer and row stride.
   const int64_t es = x.element_size();
   for (int vec = int(16 / es); vec >= 1; vec /= 2) {
@@ -96,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_cuda_impl(const at::Tensor& x_in, 
     p.vec = vec;
     break;
   }
-  if (C / p.vec > kLayerNormMaxAccesses) return layer_norm_aten(x_in, y_in, weight_in, bias_in, eps, width);
+  if (C / p.vec > kLayerNormMaxAccesses) return layer_norm_aten(x_in, y_in, weight_in, bias_in, eps, width, norm_cols);
   const cudaError_t err = layer_norm_rows(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "rfsr::layer_norm: kernel launch failed: ", cudaGetErrorString(err));
   return {out, sum};

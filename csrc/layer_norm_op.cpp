@@ -13,7 +13,7 @@
 namespace rfsr {
 
 int64_t check_layer_norm_inputs(const at::Tensor& x, const std::optional<at::Tensor>& y, const at::Tensor& weight,
-                                const at::Tensor& bias, double eps, int64_t width) {
+                                const at::Tensor& bias, double eps, int64_t width, std::optional<int64_t> norm_cols) {
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ", dtype_str(x));
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, "x must have a non-empty last dim (the normalised one), got shape ",
                     shape_str(x));
@@ -33,20 +33,31 @@ int64_t check_layer_norm_inputs(const at::Tensor& x, const std::optional<at::Ten
   }
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps must be a finite number >= 0, got ", std::to_string(eps));
   TORCH_CHECK_VALUE(width >= C, "width must be >= x's last dim ", num(C), " (extra columns are zero), got ", num(width));
-  return C;
+  const int64_t n = norm_cols.value_or(C);
+  TORCH_CHECK_VALUE(n >= 1 && n <= C, "norm_cols must be between 1 and x's last dim ", num(C), ", got ", num(n));
+  return n;
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_norm_aten(const at::Tensor& x, const std::optional<at::Tensor>& y,
                                                    const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                                   int64_t width) {
-  const int64_t C = check_layer_norm_inputs(x, y, weight, bias, eps, width);
+                                                   int64_t width, std::optional<int64_t> norm_cols) {
+  const int64_t n_stat = check_layer_norm_inputs(x, y, weight, bias, eps, width, norm_cols);
+  const int64_t C = x.size(-1);
   // float32 statistics (float64 for float64 inputs) whatever autocast is on
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto cd = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor sum;
   if (y.has_value()) sum = at::add(x, *y).contiguous();  // rounded to x's dtype, then normalised
   const at::Tensor& s = y.has_value() ? sum : x;
-  const at::Tensor n = at::layer_norm(s.to(cd), {C}, weight.to(cd), bias.to(cd), eps).to(x.scalar_type());
+  at::Tensor n;
+  if (n_stat == C) {
+    n = at::layer_norm(s.to(cd), {C}, weight.to(cd), bias.to(cd), eps).to(x.scalar_type());
+  } else {  // statistics of a prefix (the real channels of a zero-padded row), applied to every column
+    const at::Tensor sc = s.to(cd), head = sc.narrow(-1, 0, n_stat);
+    const at::Tensor mean = head.mean(-1, true);
+    const at::Tensor rstd = at::rsqrt((head - mean).square().mean(-1, true) + eps);
+    n = ((sc - mean) * rstd * weight.to(cd) + bias.to(cd)).to(x.scalar_type());
+  }
   if (width == C) return {n.contiguous(), sum};
   auto sizes = x.sizes().vec();
   sizes.back() = width;
@@ -56,9 +67,9 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_aten(const at::Tensor& x, const st
 }
 
 TORCH_LIBRARY_FRAGMENT(rfsr, m) {
-  m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, int width) -> Tensor");
-  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, int width) "
-        "-> (Tensor out, Tensor sum)");
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, int width, int? norm_cols=None) -> Tensor");
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, int width, "
+        "int? norm_cols=None) -> (Tensor out, Tensor sum)");
 }
 
 TORCH_LIBRARY_IMPL(rfsr, CPU, m) {

@@ -8,6 +8,7 @@
 
 #include <climits>
 
+#include "common/aten_dtype.h"
 #include "windows/params.h"
 #include "rfbias_checks.h"
 #include "rfbias_cuda_common.h"  // is_aligned
@@ -16,17 +17,11 @@
 namespace rfsr {
 namespace {
 
-MergeDtype merge_dtype(at::ScalarType st) {
-  return st == at::kFloat ? MergeDtype::kFloat32 : st == at::kHalf ? MergeDtype::kFloat16 : MergeDtype::kBFloat16;
-}
-
-bool kernel_dtype(at::ScalarType st) { return st == at::kFloat || st == at::kHalf || st == at::kBFloat16; }
-
 at::Tensor window_partition_cuda(const at::Tensor& x_in, at::IntArrayRef window, at::IntArrayRef shift,
                                  int64_t channels) {
   const WindowShape s = check_window_partition_inputs(x_in, window, shift, channels);
   const int64_t per_image = s.nh * s.wh * s.nw * s.ww * s.C;
-  if (!kernel_dtype(x_in.scalar_type()) || s.B > INT_MAX || per_image >= INT_MAX / 2 || s.H * s.W >= INT_MAX / 2) {
+  if (!is_elem_dtype(x_in.scalar_type()) || s.B > INT_MAX || per_image >= INT_MAX / 2 || s.H * s.W >= INT_MAX / 2) {
     return window_partition_aten(x_in, window, shift, channels);
   }
   c10::cuda::CUDAGuard guard(x_in.device());
@@ -44,7 +39,7 @@ at::Tensor window_partition_cuda(const at::Tensor& x_in, at::IntArrayRef window,
   p.B = static_cast<int>(s.B), p.H = static_cast<int>(s.H), p.W = static_cast<int>(s.W), p.C = static_cast<int>(s.C);
   p.wh = static_cast<int>(s.wh), p.ww = static_cast<int>(s.ww), p.nh = static_cast<int>(s.nh);
   p.nw = static_cast<int>(s.nw), p.shift_h = static_cast<int>(s.sh), p.shift_w = static_cast<int>(s.sw);
-  p.dtype = merge_dtype(x.scalar_type());
+  p.dtype = elem_dtype(x.scalar_type(), "rfsr::window_partition");
   const int64_t es = x.element_size();
   for (int vec = 16 / static_cast<int>(es); vec >= 1; vec /= 2) {  // the widest access up to 16 bytes
     if (s.C % vec == 0 && is_aligned(x, vec * es)) {
@@ -62,7 +57,7 @@ at::Tensor window_merge_cuda(const at::Tensor& windows_in, int64_t height, int64
   const WindowShape s = check_window_merge_inputs(windows_in, height, width, window, shift, gate_in, out_width);
   const bool small = s.B <= INT_MAX && s.nh * s.wh <= INT_MAX / 2 && s.nw * s.ww <= INT_MAX / 2 &&
                      s.H * s.W * out_width < INT_MAX / 2;
-  if (!kernel_dtype(windows_in.scalar_type()) || !small) {
+  if (!is_elem_dtype(windows_in.scalar_type()) || !small) {
     return window_merge_aten(windows_in, height, width, window, shift, gate_in, out_width);
   }
   c10::cuda::CUDAGuard guard(windows_in.device());
@@ -89,7 +84,7 @@ at::Tensor window_merge_cuda(const at::Tensor& windows_in, int64_t height, int64
   p.C = static_cast<int>(s.C), p.width = static_cast<int>(out_width);
   p.wh = static_cast<int>(s.wh), p.ww = static_cast<int>(s.ww), p.nh = static_cast<int>(s.nh);
   p.nw = static_cast<int>(s.nw), p.shift_h = static_cast<int>(s.sh), p.shift_w = static_cast<int>(s.sw);
-  p.dtype = merge_dtype(windows.scalar_type());
+  p.dtype = elem_dtype(windows.scalar_type(), "rfsr::window_merge");
   // the widest access (up to 16 bytes) that divides the channel counts, the strides and the pointers
   const int64_t es = windows.element_size();
   for (int vec = 16 / static_cast<int>(es); vec >= 1; vec /= 2) {

@@ -50,17 +50,19 @@ def model_ops():
         w, b = torch.randn(C, device="cuda", dtype=dt), torch.randn(C, device="cuda")
         w = w.float() if dt != torch.float32 and residual else w  # float32 and same-dtype parameters
         b = b.to(w.dtype)
+        n = C - 3 if C > 3 else None  # statistics of a prefix (norm_cols) on every other case
+        n = n if rows % 2 else None
         if residual:
-            out, s = torch.ops.rfsr.add_layer_norm(x, torch.randn_like(x), w, b, 1e-6, width)
+            out, s = torch.ops.rfsr.add_layer_norm(x, torch.randn_like(x), w, b, 1e-6, width, n)
         else:
-            out = torch.ops.rfsr.layer_norm(x, w, b, 1e-6, width)
+            out = torch.ops.rfsr.layer_norm(x, w, b, 1e-6, width, n)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all() and (out[:, C:] == 0).all(), ("layer_norm", rows, C, width)
     for (B, C, H, W), dt in DW_CASES:
         x = torch.randn(B, C, H, W, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
         taps, bias = torch.randn(3, 3, C, device="cuda"), torch.randn(C, device="cuda")
-        for gelu, residual in ((True, True), (False, False)):
-            out = torch.ops.rfsr.depthwise_conv3x3(x, taps, bias, gelu, residual)
+        for gelu, residual, gelu_in in ((True, True, True), (True, True, False), (False, False, False)):
+            out = torch.ops.rfsr.depthwise_conv3x3(x, taps, bias, gelu, residual, gelu_in)
             torch.cuda.synchronize()
             assert torch.isfinite(out).all(), ("depthwise_conv3x3", B, C, H, W)
     for B, (H, W), (wh, ww), shift, C, gw, width, dt in MERGE_CASES:

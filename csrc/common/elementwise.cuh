@@ -1,9 +1,12 @@
-// Element conversions and vector packs shared by the elementwise kernels of the model's inference path
-// (csrc/layernorm, csrc/dwconv): float32 arithmetic on float32, float16 and bfloat16 data.
+// Element conversions, vector packs and the dtype dispatch shared by the elementwise kernels of the model's inference
+// path (csrc/layernorm, csrc/dwconv, csrc/windows): float32 arithmetic on float32, float16 and bfloat16 data.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "dtype.h"
 
 namespace rfsr {
 
@@ -26,5 +29,17 @@ template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
+
+// Calls f with a value of dt's element type (f(float{}), f(__half{}) or f(__nv_bfloat16{})): a launcher's generic
+// lambda takes the type as decltype(t) and instantiates its kernels for each. cudaErrorInvalidValue for any other dt.
+template <typename F>
+cudaError_t dispatch_dtype(ElemDtype dt, F&& f) {
+  switch (dt) {
+    case ElemDtype::kFloat32: return f(float{});
+    case ElemDtype::kFloat16: return f(__half{});
+    case ElemDtype::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace rfsr

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace rfsr {
 namespace {
@@ -21,7 +22,9 @@ constexpr int kTileH = 16;  // tile rows
 constexpr int kGroup = 8;   // channel vectors per tile
 constexpr int kThreads = kTileW * kGroup;
 
-template <typename T, int kVec, bool kGelu, bool kResidual>
+__device__ __forceinline__ float gelu(float a) { return 0.5f * a * (1.0f + erff(a * 0.70710678118654752f)); }
+
+template <typename T, int kVec, bool kGeluIn, bool kGelu, bool kResidual>
 __global__ void __launch_bounds__(kThreads, 3) dwconv3x3_kernel(const DwConvParams p) {
   using PackT = Pack<T, kVec>;
   __shared__ PackT tile[kTileH + 2][kTileW + 2][kGroup];  // (halo row, halo column, channel vector)
@@ -58,6 +61,13 @@ __global__ void __launch_bounds__(kThreads, 3) dwconv3x3_kernel(const DwConvPara
     }
   }
   if constexpr (sizeof(PackT) >= 4) asm volatile("cp.async.wait_all;\n" ::);
+  if constexpr (kGeluIn) {  // the input's own GELU, once per tile element (its own copies: no barrier needed yet)
+    for (int i = threadIdx.x; i < (kTileH + 2) * (kTileW + 2) * kGroup; i += kThreads) {
+      PackT& pk = (&tile[0][0][0])[i];  // zeros outside stay zero: gelu(0) = 0
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) pk.v[e] = Conv<T>::store(gelu(Conv<T>::load(pk.v[e])));
+    }
+  }
   __syncthreads();
 
   // 2. Each thread: column `col`, channel vector `cv`, rows y0 .. y0 + kTileH - 1.
@@ -108,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 3) dwconv3x3_kernel(const DwConvPara
         for (int e = 0; e < kVec; ++e) {
           // rounded where the unfused ops round: the conv output, the GELU, then x + gelu(...)
           float a = Conv<T>::load(Conv<T>::store(acc_a[e]));
-          if constexpr (kGelu) a = Conv<T>::load(Conv<T>::store(0.5f * a * (1.0f + erff(a * 0.70710678118654752f))));
+          if constexpr (kGelu) a = Conv<T>::load(Conv<T>::store(gelu(a)));
           if constexpr (kResidual) a += center[e];
           res.v[e] = Conv<T>::store(a);
         }
@@ -121,6 +131,16 @@ __global__ void __launch_bounds__(kThreads, 3) dwconv3x3_kernel(const DwConvPara
       acc_b[e] = acc_c[e];
       center[e] = in[1][e];  // input row r is the residual of output row r - 1, finished with the next row
     }
+  }
+}
+
+// f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
   }
 }
 
@@ -138,15 +158,14 @@ cudaError_t launch(const DwConvParams& p_all, cudaStream_t stream) {
     p.x = static_cast<const T*>(p_all.x) + b0 * image;
     p.out = static_cast<T*>(p_all.out) + b0 * image;
     const dim3 grid(static_cast<unsigned>(p.B * per_image));
-    if (p.gelu && p.residual) {
-      dwconv3x3_kernel<T, kVec, true, true><<<grid, kThreads, 0, stream>>>(p);
-    } else if (p.gelu) {
-      dwconv3x3_kernel<T, kVec, true, false><<<grid, kThreads, 0, stream>>>(p);
-    } else if (p.residual) {
-      dwconv3x3_kernel<T, kVec, false, true><<<grid, kThreads, 0, stream>>>(p);
-    } else {
-      dwconv3x3_kernel<T, kVec, false, false><<<grid, kThreads, 0, stream>>>(p);
-    }
+    with_flag(p.gelu_input, [&](auto gelu_in) {
+      with_flag(p.gelu, [&](auto gelu) {
+        with_flag(p.residual, [&](auto residual) {
+          dwconv3x3_kernel<T, kVec, decltype(gelu_in)::value, decltype(gelu)::value, decltype(residual)::value>
+              <<<grid, kThreads, 0, stream>>>(p);
+        });
+      });
+    });
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
@@ -170,12 +189,7 @@ cudaError_t dispatch_vec(const DwConvParams& p, cudaStream_t stream) {
 cudaError_t depthwise_conv3x3(const DwConvParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.H == 0 || p.W == 0) return cudaSuccess;
   if (p.C <= 0 || p.vec <= 0 || p.C % p.vec) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case DwDtype::kFloat32: return dispatch_vec<float>(p, stream);
-    case DwDtype::kFloat16: return dispatch_vec<__half>(p, stream);
-    case DwDtype::kBFloat16: return dispatch_vec<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return dispatch_vec<decltype(t)>(p, stream); });
 }
 
 }  // namespace rfsr

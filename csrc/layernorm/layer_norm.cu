@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const LayerNormPar
   const int lane = threadIdx.x % lanes;
   const int n_acc = p.cols / kVec;
   const int n_out = p.width / kVec;
-  const float inv_cols = 1.0f / float(p.cols);
+  const float inv_cols = 1.0f / float(p.norm_cols);
 
   for (int64_t row = int64_t(blockIdx.x) * groups_per_block + threadIdx.x / lanes;
        row - threadIdx.x / lanes < p.rows; row += int64_t(gridDim.x) * groups_per_block) {
@@ -68,17 +68,18 @@ __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const LayerNormPar
           for (int e = 0; e < kVec; ++e) v[it][e] = Conv<T>::load(xv.v[e]);
         }
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) s += v[it][e];
+        for (int e = 0; e < kVec; ++e) s += a * kVec + e < p.norm_cols ? v[it][e] : 0.f;
       }
     }
     const float mean = group_sum(s, lanes) * inv_cols;
     float q = 0.f;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
-      if (valid && lane + it * lanes < n_acc) {
+      const int a = lane + it * lanes;
+      if (valid && a < n_acc) {
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          const float d = v[it][e] - mean;
+          const float d = a * kVec + e < p.norm_cols ? v[it][e] - mean : 0.f;
           q += d * d;
         }
       }
@@ -146,7 +147,7 @@ cudaError_t dispatch_vec(const LayerNormParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t dispatch_param(const LayerNormParams& p, cudaStream_t stream) {
-  if (p.param_dtype == LnDtype::kFloat32) return dispatch_vec<T, float>(p, stream);
+  if (p.param_dtype == ElemDtype::kFloat32) return dispatch_vec<T, float>(p, stream);
   if (p.param_dtype != p.dtype) return cudaErrorInvalidValue;
   return dispatch_vec<T, T>(p, stream);
 }
@@ -155,16 +156,12 @@ cudaError_t dispatch_param(const LayerNormParams& p, cudaStream_t stream) {
 
 cudaError_t layer_norm_rows(const LayerNormParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  if (p.cols <= 0 || p.vec <= 0 || p.cols % p.vec || p.width % p.vec || p.width < p.cols ||
+  if (p.cols <= 0 || p.vec <= 0 || p.cols % p.vec || p.width % p.vec || p.width < p.cols || p.norm_cols <= 0 ||
+      p.norm_cols > p.cols ||
       p.cols / p.vec > kLayerNormMaxAccesses) {
     return cudaErrorInvalidValue;
   }
-  switch (p.dtype) {
-    case LnDtype::kFloat32: return dispatch_param<float>(p, stream);
-    case LnDtype::kFloat16: return dispatch_param<__half>(p, stream);
-    case LnDtype::kBFloat16: return dispatch_param<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return dispatch_param<decltype(t)>(p, stream); });
 }
 
 }  // namespace rfsr

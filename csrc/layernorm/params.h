@@ -10,9 +10,9 @@
 
 #include <cstdint>
 
-namespace rfsr {
+#include "../common/dtype.h"
 
-enum class LnDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace rfsr {
 
 struct LayerNormParams {
   const void* x = nullptr;
@@ -23,13 +23,14 @@ struct LayerNormParams {
   void* sum = nullptr;  // rows x cols, contiguous; written only with a y
   int64_t rows = 0;
   int cols = 0;
+  int norm_cols = 0;  // the mean and variance are those of the first norm_cols (<= cols) elements of each row
   int width = 0;
   int64_t x_row_stride = 0;  // elements; the last dim is contiguous
   int64_t y_row_stride = 0;
   float eps = 0.f;
-  LnDtype dtype = LnDtype::kFloat32;        // x, y, out, sum
-  LnDtype param_dtype = LnDtype::kFloat32;  // weight and bias: float32 or the dtype of x
-  int vec = 1;                              // elements per access (the binding picks the widest all pointers allow)
+  ElemDtype dtype = ElemDtype::kFloat32;        // x, y, out, sum
+  ElemDtype param_dtype = ElemDtype::kFloat32;  // weight and bias: float32 or the dtype of x
+  int vec = 1;                                  // elements per access (the binding picks the widest all pointers allow)
 };
 
 // The widest row any vector width handles: 256 accesses of `vec` elements.

@@ -105,12 +105,7 @@ cudaError_t window_merge(const WindowMergeParams& p, cudaStream_t stream) {
   if (p.C <= 0 || p.width < p.C || p.vec <= 0 || p.C % p.vec || p.width % p.vec) return cudaErrorInvalidValue;
   if (p.wh <= 0 || p.ww <= 0 || int64_t(p.nh) * p.wh < p.H || int64_t(p.nw) * p.ww < p.W) return cudaErrorInvalidValue;
   if (p.shift_h < 0 || p.shift_h >= p.nh * p.wh || p.shift_w < 0 || p.shift_w >= p.nw * p.ww) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case MergeDtype::kFloat32: return dispatch_vec<float>(p, stream);
-    case MergeDtype::kFloat16: return dispatch_vec<__half>(p, stream);
-    case MergeDtype::kBFloat16: return dispatch_vec<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return dispatch_vec<decltype(t)>(p, stream); });
 }
 
 }  // namespace rfsr

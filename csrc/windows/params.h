@@ -17,9 +17,9 @@
 
 #include <cstdint>
 
-namespace rfsr {
+#include "../common/dtype.h"
 
-enum class MergeDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace rfsr {
 
 // The lanes the kernels give one row of `vectors` accesses: as many as the vectors up to a warp, so every lane of a
 // row moves the same number of vectors (the fewest passes of at most 32 lanes: SST's 135 vectors take 5 passes of
@@ -38,7 +38,7 @@ struct WindowMergeParams {
   int B = 0, H = 0, W = 0, C = 0, width = 0;
   int wh = 1, ww = 1, nh = 1, nw = 1;  // window and window grid
   int shift_h = 0, shift_w = 0;        // in [0, Hp), [0, Wp)
-  MergeDtype dtype = MergeDtype::kFloat32;
+  ElemDtype dtype = ElemDtype::kFloat32;
   int vec = 1;  // channels per access (divides C, width and every stride; the binding picks it)
 };
 
@@ -51,7 +51,7 @@ struct WindowPartitionParams {
   int B = 0, H = 0, W = 0, C = 0;
   int wh = 1, ww = 1, nh = 1, nw = 1;
   int shift_h = 0, shift_w = 0;  // in [0, Hp), [0, Wp)
-  MergeDtype dtype = MergeDtype::kFloat32;
+  ElemDtype dtype = ElemDtype::kFloat32;
   int vec = 1;  // channels per access (divides C and pixel_stride)
 };
 

@@ -17,7 +17,7 @@ from ..nn import ConvFFN, LayerNorm2d, SSTBlock, SSTLayer, Upsampler
 from ..nn import set_attn_backend as _set_attn_backend
 from ..nn.attention import RIBWindowAttention, check_attn_backend, check_gate_type
 from ..nn.layers import check_upsampler
-from ..nn.rib import autocast_enabled, check_positive_int
+from ..nn.rib import autocast_enabled, check_positive_int, grow_conv, padded_width
 
 
 def _per_layer(value, n: int, name: str) -> tuple[int, ...]:
@@ -166,8 +166,9 @@ class SST(nn.Module):
         and LayerNorm in ``dtype`` (bf16 by default; the convs channels-last, the layout the activations use), the
         FFN hidden widths zero-padded to multiples of 8 (``ConvFFN.pad_hidden``, exact), LayerNorm through the
         ``rfsr::layer_norm`` op (fused with the residual adds before it), the depthwise convs through
-        ``rfsr::depthwise_conv3x3`` (with their bias, and the FFN's GELU and residual), and for widths that are not
-        a multiple of 8 (SST's 180) every 1×1 GEMM's rows padded to one (``SSTLayer.pad_channels``, exact).
+        ``rfsr::depthwise_conv3x3`` (with their bias, and the FFN's GELU and residual), for widths that are not a
+        multiple of 8 (SST's 180) every activation's rows padded to one (``pad_channels``, exact), and the
+        'pixelshuffle' upsampler's two convs folded into one at the LR size (``Upsampler.fold``, exact).
 
         The RIB parameters stay float32: their factors are computed in float32 once and cached in the attention
         dtype. Activations then run in ``dtype`` end to end, with float32 inside the kernels where it matters
@@ -185,9 +186,8 @@ class SST(nn.Module):
         for m in self.modules():
             if isinstance(m, LayerNorm2d):
                 m.use_op()  # one pass per row (PyTorch's LayerNorm kernel is latency-bound on short rows)
-        for m in self.modules():
-            if isinstance(m, SSTLayer):
-                m.pad_channels(8)  # same function; aligned GEMM rows (SST's 180 channels)
+        self.pad_channels(8)  # same function; aligned rows everywhere (SST's 180 channels)
+        self.upsampler.fold(dtype)  # from the float32 weights, before the cast
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 m.to(dtype=dtype, memory_format=torch.channels_last)  # cuDNN/oneDNN would convert them per call
@@ -196,6 +196,37 @@ class SST(nn.Module):
         for m in self.modules():  # after the cast: the ops get exactly the weights the modules hold
             if isinstance(m, (ConvFFN, RIBWindowAttention)):
                 m.use_op()  # the depthwise convs with their bias, GELU and residual in one pass
+        return self
+
+    def pad_channels(self, multiple: int = 8) -> "SST":
+        """For a width that is not a multiple of ``multiple`` (SST's 180): the residual stream carries
+        ``padded_width(dim)`` channels whose extra ones are zero (``proj``, the blocks' and the body's 3×3 convs
+        and the upsampler's first conv get zero weights for them), the norms take those rows whole and write as
+        many (``LayerNorm2d.pad_input``), and every layer's 1×1 GEMMs read and write aligned rows
+        (``SSTLayer.pad_channels``). Every activation row is then 16-byte aligned: cuDNN's 3×3 convs need no
+        channel-padding passes, the residual adds and the norms read whole vectors. Same function; for inference
+        only (changes the parameter shapes)."""
+        dim = self.config.dim
+        width = padded_width(dim, check_positive_int(multiple, "multiple"))
+        if width == dim:
+            return self
+        for m in self.modules():
+            if isinstance(m, SSTLayer):
+                m.pad_channels(multiple)
+            elif isinstance(m, LayerNorm2d):
+                m.pad_input(width)
+            elif isinstance(m, SSTBlock):
+                grow_conv(m[-1], width, width)
+        grow_conv(self.proj, out_channels=width)
+        grow_conv(self.body[-1], width, width)
+        up = self.upsampler
+        if up.upsampler_type == "pixelshuffle_direct":
+            grow_conv(up.up_conv, in_channels=width)
+        elif up.upsampler_type == "pixelshuffle":
+            grow_conv(up.feature_conv, in_channels=width)
+        else:  # 'nn+conv': x + f_img(skip) feeds f
+            grow_conv(up.f[0], in_channels=width)
+            grow_conv(up.f_img[-1], out_channels=width)
         return self
 
     @property

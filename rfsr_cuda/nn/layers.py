@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import RIBWindowAttention
-from .rib import (check_positive_int, conv1x1, depthwise3x3, has_forward_hooks, needs_grad, op_may_replace,
-                  padded_width, use_depthwise_op, zero_padded)
+from .rib import (check_positive_int, conv1x1, depthwise3x3, grow_conv, has_forward_hooks, needs_grad,
+                  op_may_replace, padded_width, use_depthwise_op, zero_padded)
 
 UPSAMPLER_TYPES = ("pixelshuffle_direct", "pixelshuffle", "nn+conv")
 
@@ -37,47 +37,70 @@ class LayerNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+        self.dim = dim  # the normalised channels (weight and bias may be zero-padded past them: pad_input)
         self.fused = False
         self.width = dim
 
     def use_op(self, width: int | None = None) -> "LayerNorm2d":
         """Normalise through ``rfsr::layer_norm`` into ``width`` >= C channels (extra channels zero). No autograd:
         for inference."""
-        dim = self.weight.shape[0]
-        width = dim if width is None else check_positive_int(width, "width")
-        if width < dim:
-            raise ValueError(f"width must be >= the {dim} channels, got {width}")
+        width = self.width if width is None else check_positive_int(width, "width")
+        if width < self.weight.shape[0]:
+            raise ValueError(f"width must be >= the {self.weight.shape[0]} channels, got {width}")
         self.fused, self.width = True, width
         return self
+
+    def pad_input(self, width: int) -> None:
+        """Also take inputs of ``width`` >= dim channels whose extra ones are zero (a channel-padded residual stream,
+        ``SST.pad_channels``): weight and bias are zero-padded to ``width``, so the op reads whole 16-byte-aligned
+        rows and takes its statistics from the first dim. For inference only (changes the parameter shapes)."""
+        width = check_positive_int(width, "width")
+        if width < self.dim:
+            raise ValueError(f"width must be >= the {self.dim} channels, got {width}")
+        with torch.no_grad():
+            self.weight = zero_padded(self.weight, (width,))
+            self.bias = zero_padded(self.bias, (width,))
+        self.width = max(self.width, width)
 
     def _op(self, x: torch.Tensor) -> bool:
         # the op has no autograd formula: anything that needs gradients takes the ATen route
         return self.fused and not needs_grad(x, self.weight, self.bias)
 
+    def _op_params(self, C: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """Weight, bias and norm_cols for op rows of C channels: the padded parameters for padded rows."""
+        if C == self.weight.shape[0]:
+            return self.weight, self.bias, self.dim if C != self.dim else None
+        if C == self.dim:
+            return self.weight[:C], self.bias[:C], None
+        raise ValueError(f"x must have {self.dim} channels ({self.weight.shape[0]} zero-padded), got {C}")
+
     def _aten(self, s: torch.Tensor) -> torch.Tensor:
-        out = F.layer_norm(s.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
+        d = self.dim
+        w, b = (self.weight, self.bias) if self.weight.shape[0] == d else (self.weight[:d], self.bias[:d])
+        out = F.layer_norm(_channels(s, d).permute(0, 2, 3, 1), (d,), w, b, self.eps)
         if self.width > out.shape[-1]:
             out = F.pad(out, (0, self.width - out.shape[-1]))
         return out.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._op(x):
-            return torch.ops.rfsr.layer_norm(x.permute(0, 2, 3, 1), self.weight, self.bias, self.eps, self.width) \
-                .permute(0, 3, 1, 2)
+            w, b, n = self._op_params(x.shape[1])
+            return torch.ops.rfsr.layer_norm(x.permute(0, 2, 3, 1), w, b, self.eps, self.width, n).permute(0, 3, 1, 2)
         return self._aten(x)
 
     def add_norm(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s, norm(s))`` for ``s = x + y``; ``y`` may have extra channels past x's (the padded layout; ignored)."""
         C = x.shape[1]
         if self._op(x) and op_may_replace(self, y):  # (hooks on this norm run through its call below)
+            w, b, n = self._op_params(C)
             normed, s = torch.ops.rfsr.add_layer_norm(x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)[..., :C],
-                                                      self.weight, self.bias, self.eps, self.width)
+                                                      w, b, self.eps, self.width, n)
             return s.permute(0, 3, 1, 2), normed.permute(0, 3, 1, 2)
         s = x + _channels(y, C)
         return s, self(s)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}" + (f", fused, width={self.width}" if self.fused else "")
+        return f"{self.dim}, eps={self.eps}" + (f", fused, width={self.width}" if self.fused else "")
 
 
 class ConvFFN(nn.Module):
@@ -116,23 +139,20 @@ class ConvFFN(nn.Module):
     def pad_io(self, width: int) -> None:
         """Take ``width`` >= dim input channels (extra ones ignored: zero weights) and give ``width`` output channels
         (extra ones zero): the padded layout of ``SSTLayer.pad_channels``. For inference only."""
-        with torch.no_grad():
-            w = self.proj.weight
-            self.proj.weight = zero_padded(w, (w.shape[0], width, *w.shape[2:]))
-            w = self.agg.weight
-            self.agg.weight = zero_padded(w, (width, *w.shape[1:]))
-            self.agg.bias = zero_padded(self.agg.bias, (width,))
-        self.proj.in_channels = self.agg.out_channels = width
+        grow_conv(self.proj, in_channels=width)
+        grow_conv(self.agg, out_channels=width)
 
     def use_op(self) -> None:
-        """Run ``x + gelu(dwc(x))`` as one ``rfsr::depthwise_conv3x3`` call (taps taken from the weights now, in
-        float32; no autograd): for inference, after any change to the weights (``SST.prepare_inference``). While
-        ``dwc`` has forward hooks, or gradients are needed, the modules run as they are."""
+        """Run ``g + gelu(dwc(g))`` for ``g = gelu(proj(x))`` as one ``rfsr::depthwise_conv3x3`` call after the
+        projection (taps taken from the weights now, in float32; no autograd): for inference, after any change to
+        the weights (``SST.prepare_inference``). While ``dwc`` has forward hooks, or gradients are needed, the
+        modules run as they are."""
         use_depthwise_op(self.dwc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(conv1x1(x, self.proj))
-        return conv1x1(depthwise3x3(self.dwc, x, gelu=True, residual=True), self.agg)
+        # gelu(proj(x)) + gelu(dwc(gelu(proj(x)))): the first GELU inside the depthwise op (on the op route)
+        x = depthwise3x3(self.dwc, conv1x1(x, self.proj), gelu=True, residual=True, gelu_input=True)
+        return conv1x1(x, self.agg)
 
 
 class SSTLayer(nn.Module):
@@ -155,7 +175,7 @@ class SSTLayer(nn.Module):
         (zero weights on the extra inputs, zero outputs), so every 1×1 GEMM reads and writes 16-byte-aligned rows;
         cuBLAS runs the 2-byte-aligned ones several times slower. The residual stream keeps ``dim`` channels. The
         function is unchanged. Needs the norms on the op (``LayerNorm2d.use_op``); for inference only."""
-        dim = self.norm_attn.weight.shape[0]
+        dim = self.norm_attn.dim
         width = padded_width(dim, check_positive_int(multiple, "multiple"))
         if width == dim:
             return
@@ -253,17 +273,89 @@ class Upsampler(nn.Module):
             self.f_img = nn.Sequential(nn.Conv2d(3, dim, 1), nn.Conv2d(dim, dim, 7, padding=3), nn.LeakyReLU(0.1),
                                        nn.Conv2d(dim, dim, 1))
 
+    def fold(self, dtype: torch.dtype | None = None) -> None:
+        """For 'pixelshuffle': precompute the one 5×5 conv (nf → 3r² sub-pixel channels, at LR) that equals
+        ``up_conv``, the pixel shuffle and ``final_conv`` (all linear) away from the image border, in float64 from
+        the weights now (non-persistent buffers, in ``dtype``, the weights' by default, channels-last): for
+        inference, after any change to the weights (``SST.prepare_inference``). The forward then skips the nf·r²-channel LR map, its shuffled
+        copy and the HR 3×3 conv (9× fewer multiply-adds), and recomputes only the outermost ring of output pixels
+        the original way (there ``final_conv`` sees the HR map's zero padding, which the folded conv cannot). Other
+        upsampler types: nothing to fold."""
+        if self.upsampler_type != "pixelshuffle":
+            return
+        r, up, fin = self.upscaling_factor, self.up_conv, self.final_conv
+        nf = up.in_channels
+        uw = up.weight.detach().double().reshape(nf, r, r, nf, 3, 3)  # (c, i', j', input, ky, kx)
+        ub = up.bias.detach().double().reshape(nf, r, r)
+        fw, fb = fin.weight.detach().double(), fin.bias.detach().double()  # (o, c, dy, dx), (o,)
+        out_c = fw.shape[0]
+        k = uw.new_zeros(out_c, r, r, nf, 5, 5)
+        b = fb[:, None, None].repeat(1, r, r)
+        # output sub-pixel (i, j) tap (dy, dx) reads HR row r·y + i + dy - 1 = r·(y + a) + i2, i.e. up_conv's
+        # sub-pixel (i2, j2) at LR offset (a, b); its 3×3 taps then land at LR offsets a - 1 .. a + 1
+        for i in range(r):
+            for dy in range(3):
+                a, i2 = divmod(i + dy - 1, r)
+                for j in range(r):
+                    for dx in range(3):
+                        bb, j2 = divmod(j + dx - 1, r)
+                        k[:, i, j, :, a + 1:a + 4, bb + 1:bb + 4] += torch.einsum(
+                            "oc,cnyx->onyx", fw[:, :, dy, dx], uw[:, i2, j2])
+                        b[:, i, j] += fw[:, :, dy, dx] @ ub[:, i2, j2]
+        dtype = dtype or up.weight.dtype
+        self.register_buffer("_fold_w", k.reshape(out_c * r * r, nf, 5, 5).to(dtype).contiguous(
+            memory_format=torch.channels_last), persistent=False)
+        self.register_buffer("_fold_b", b.reshape(-1).to(dtype), persistent=False)
+
+    def _folded(self, x: torch.Tensor) -> bool:
+        return getattr(self, "_fold_w", None) is not None and min(x.shape[-2:]) >= 3 and not needs_grad(x) and \
+            not any(has_forward_hooks(m) for m in (self.feature_conv, self.up_conv, self.final_conv))
+
+    def _pixelshuffle(self, f: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The unfolded 'pixelshuffle' tail on features ``f`` (after feature_conv and LeakyReLU)."""
+        r = self.upscaling_factor
+        return self.final_conv(F.pixel_shuffle(self.up_conv(f), r)) + F.interpolate(skip, scale_factor=r,
+                                                                                       mode="nearest")
+
+    def _pixelshuffle_folded(self, f: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        out = shuffle_add(F.conv2d(f, self._fold_w, self._fold_b, padding=2), skip, self.upscaling_factor)
+        # the outermost output ring the original way, on 3-pixel LR strips (all the ring's receptive field: the
+        # strips' own zero padding stands where the image border is, and their cut edge is out of reach)
+        n = len(f)
+        rows = self._pixelshuffle(torch.cat([f[..., :3, :], f[..., -3:, :]]),
+                                  torch.cat([skip[..., :3, :], skip[..., -3:, :]]))
+        cols = self._pixelshuffle(torch.cat([f[..., :3], f[..., -3:]]), torch.cat([skip[..., :3], skip[..., -3:]]))
+        out[..., 0, :], out[..., -1, :] = rows[:n, :, 0], rows[n:, :, -1]
+        out[..., 0], out[..., -1] = cols[:n, ..., 0], cols[n:, ..., -1]
+        return out
+
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         r = self.upscaling_factor
         if self.upsampler_type == "pixelshuffle_direct":
-            return F.pixel_shuffle(self.up_conv(x) + torch.repeat_interleave(skip, r * r, dim=1), r)
+            return shuffle_add(self.up_conv(x), skip, r)
         if self.upsampler_type == "pixelshuffle":
-            x = F.pixel_shuffle(self.up_conv(F.leaky_relu(self.feature_conv(x), 0.1)), r)
-            return self.final_conv(x) + F.interpolate(skip, scale_factor=r, mode="nearest")
+            folded = self._folded(x)
+            f = F.leaky_relu(self.feature_conv(x), 0.1)
+            return self._pixelshuffle_folded(f, skip) if folded else self._pixelshuffle(f, skip)
         return self.f(x + self.f_img(skip.to(self.f_img[0].weight.dtype)))  # a bf16 model, float32 image
 
     def extra_repr(self) -> str:
         return f"upscaling_factor={self.upscaling_factor}, upsampler_type={self.upsampler_type!r}"
+
+
+def shuffle_add(y: torch.Tensor, skip: torch.Tensor, r: int) -> torch.Tensor:
+    """``pixel_shuffle(y + repeat_interleave(skip, r², dim=1), r)``: sub-pixel channels ``(B, C·r², h, w)`` plus a
+    nearest-neighbour copy of ``skip (B, C, h, w)``, as ``(B, C, r·h, r·w)`` in their promoted dtype. Without
+    autograd, one pass that writes the contiguous result (the three ops copy the r²-times larger map twice)."""
+    B, Cr2, h, w = y.shape
+    C = Cr2 // (r * r)
+    if needs_grad(y, skip) or skip.shape != (B, C, h, w):
+        return F.pixel_shuffle(y + torch.repeat_interleave(skip, r * r, dim=1), r)
+    s6, y6 = skip[:, :, :, None, :, None], y.view(B, C, r, r, h, w).permute(0, 1, 4, 2, 5, 3)
+    if torch.compiler.is_compiling():  # inductor fuses the reshape's copy into the add itself
+        return (s6 + y6).reshape(B, C, h * r, w * r)
+    out = y.new_empty((B, C, h, r, w, r), dtype=torch.promote_types(y.dtype, skip.dtype))
+    return torch.add(s6, y6, out=out).view(B, C, h * r, w * r)
 
 
 def up_conv_scale(upsampler_type: str, weight: torch.Tensor) -> int:

@@ -102,6 +102,20 @@ def zero_padded(t: torch.Tensor, sizes: Sequence[int], value: float = 0.0) -> nn
     return nn.Parameter(out, requires_grad=t.requires_grad)
 
 
+def grow_conv(conv: nn.Conv2d, out_channels: int | None = None, in_channels: int | None = None) -> None:
+    """Zero-pad a dense conv to at least ``out_channels`` outputs and ``in_channels`` inputs: the extra inputs get
+    zero weights (ignored), the extra outputs zero weights and bias (zero). Same function; for inference only."""
+    if conv.groups != 1:
+        raise ValueError(f"grow_conv takes dense convs (groups 1), got groups={conv.groups}")
+    out_c = max(conv.out_channels, out_channels or 0)
+    in_c = max(conv.in_channels, in_channels or 0)
+    with torch.no_grad():
+        conv.weight = zero_padded(conv.weight, (out_c, in_c, *conv.weight.shape[2:]))
+        if conv.bias is not None:
+            conv.bias = zero_padded(conv.bias, (out_c,))
+    conv.out_channels, conv.in_channels = out_c, in_c
+
+
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` runs forward (pre-)hooks, its own or global ones."""
     from torch.nn.modules import module as _m
@@ -128,11 +142,15 @@ def use_depthwise_op(conv: nn.Conv2d) -> None:
     conv.register_buffer("_rfsr_bias", None if conv.bias is None else op_param(conv.bias), persistent=False)
 
 
-def depthwise3x3(conv: nn.Conv2d, x: torch.Tensor, *, gelu: bool = False, residual: bool = False) -> torch.Tensor:
-    """``conv(x)``, then the exact GELU when ``gelu``, plus ``x`` when ``residual``: one ``rfsr::depthwise_conv3x3``
-    call after ``use_depthwise_op(conv)`` where the op may stand in for the modules (``op_may_replace``)."""
+def depthwise3x3(conv: nn.Conv2d, x: torch.Tensor, *, gelu: bool = False, residual: bool = False,
+                 gelu_input: bool = False) -> torch.Tensor:
+    """``conv(x)``, then the exact GELU when ``gelu``, plus ``x`` when ``residual``, for ``x := gelu(x)`` when
+    ``gelu_input``: one ``rfsr::depthwise_conv3x3`` call after ``use_depthwise_op(conv)`` where the op may stand in
+    for the modules (``op_may_replace``)."""
     if getattr(conv, "_rfsr_taps", None) is not None and op_may_replace(conv, x):
-        return torch.ops.rfsr.depthwise_conv3x3(x, conv._rfsr_taps, conv._rfsr_bias, gelu, residual)
+        return torch.ops.rfsr.depthwise_conv3x3(x, conv._rfsr_taps, conv._rfsr_bias, gelu, residual, gelu_input)
+    if gelu_input:
+        x = F.gelu(x)
     y = conv(x)
     if gelu:
         y = F.gelu(y)

@@ -13,7 +13,7 @@ import torch
 from . import flash_rfbias as _library  # noqa: F401  (loads rfsr_cuda._C, which registers the schemas)
 
 
-def _check(x, residual, weight, bias, eps, width) -> int:
+def _check(x, residual, weight, bias, eps, width, norm_cols=None) -> int:
     """Mirrors check_layer_norm_inputs (csrc/layer_norm_op.cpp); returns C."""
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
@@ -38,29 +38,35 @@ def _check(x, residual, weight, bias, eps, width) -> int:
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if width < C:
         raise ValueError(f"width must be >= x's last dim {C} (extra columns are zero), got {width}")
+    if norm_cols is not None and not 1 <= norm_cols <= C:
+        raise ValueError(f"norm_cols must be between 1 and x's last dim {C}, got {norm_cols}")
     return C
 
 
 @torch.library.register_fake("rfsr::layer_norm")
-def _layer_norm_fake(x, weight, bias, eps, width):
-    _check(x, None, weight, bias, eps, width)
+def _layer_norm_fake(x, weight, bias, eps, width, norm_cols=None):
+    _check(x, None, weight, bias, eps, width, norm_cols)
     return x.new_empty((*x.shape[:-1], width))
 
 
 @torch.library.register_fake("rfsr::add_layer_norm")
-def _add_layer_norm_fake(x, residual, weight, bias, eps, width):
-    _check(x, residual, weight, bias, eps, width)
+def _add_layer_norm_fake(x, residual, weight, bias, eps, width, norm_cols=None):
+    _check(x, residual, weight, bias, eps, width, norm_cols)
     return x.new_empty((*x.shape[:-1], width)), x.new_empty(x.shape)
 
 
 def layer_norm_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-                      width: int | None = None, residual: torch.Tensor | None = None):
+                      width: int | None = None, residual: torch.Tensor | None = None, norm_cols: int | None = None):
     """LayerNorm over the last dim of ``x`` (of ``x + residual`` when given), in float32 statistics.
 
     Returns ``(..., width)`` rows in x's dtype, contiguous, whose columns past ``C = x.shape[-1]`` are zero (``width``
     defaults to C); with a residual, returns ``(normalised, x + residual)``, the sum rounded to x's dtype first, as
     the unfused ``s = x + residual; layer_norm(s)``. ``x`` and ``residual`` may be views of wider rows (the first C
     columns of a padded buffer). ``weight`` and ``bias`` are ``(C,)``, float32 or x's dtype. No autograd.
+
+    ``norm_cols`` (1 to C; C by default) takes the mean and variance from the first ``norm_cols`` columns only, and
+    normalises every column with them: a row of real channels followed by zero channels with zero weights and biases
+    (a channel-padded activation) stays zero-padded and is read with the widest accesses.
     """
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None and not isinstance(t, torch.Tensor):
@@ -68,6 +74,8 @@ def layer_norm_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     width = x.shape[-1] if width is None else width
     if isinstance(width, bool) or not isinstance(width, int):
         raise TypeError(f"width must be an int, got {width!r}")
+    if norm_cols is not None and (isinstance(norm_cols, bool) or not isinstance(norm_cols, int)):
+        raise TypeError(f"norm_cols must be an int or None, got {norm_cols!r}")
     if residual is None:
-        return torch.ops.rfsr.layer_norm(x, weight, bias, float(eps), width)
-    return torch.ops.rfsr.add_layer_norm(x, residual, weight, bias, float(eps), width)
+        return torch.ops.rfsr.layer_norm(x, weight, bias, float(eps), width, norm_cols)
+    return torch.ops.rfsr.add_layer_norm(x, residual, weight, bias, float(eps), width, norm_cols)

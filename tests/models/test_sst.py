@@ -311,12 +311,14 @@ def test_bf16_fast_path_every_upsampler_and_gate(upsampler, gate):
     assert rel_l2(got, expected) < 3e-2 and rel_l2(half, expected) < 3e-2
 
 
-@pytest.mark.parametrize("windows", [[4, 8], [8, 8]])  # cyclic windows; equal windows (shifts)
-def test_prepare_inference_layout_is_exact(windows):
-    # float64 end to end: the op LayerNorm, the fused residual adds and the padded channels (12 -> 16, q, k, v
-    # 36 -> 40 columns) change nothing but rounding
+@pytest.mark.parametrize("windows, upsampler", [([4, 8], "pixelshuffle_direct"), ([8, 8], "pixelshuffle"),
+                                                ([4, 8], "nn+conv")])  # cyclic windows; equal windows (shifts)
+def test_prepare_inference_layout_is_exact(windows, upsampler):
+    # float64 end to end: the op LayerNorm, the fused residual adds, the padded channels (residual stream 12 -> 16,
+    # q, k, v 36 -> 40 columns) and the folded 'pixelshuffle' upsampler change nothing but rounding
     torch.manual_seed(0)
-    model = SST(**tiny(window_sizes=windows, num_heads=[3, 3], ranks=[4, 5])).double().eval()
+    model = SST(**tiny(window_sizes=windows, num_heads=[3, 3], ranks=[4, 5], upsampler_type=upsampler,
+                       upscaling_factor=3)).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -328,7 +330,10 @@ def test_prepare_inference_layout_is_exact(windows):
     layer = model.body[0][0]
     assert layer.norm_attn.fused and layer.norm_attn.width == 16 and layer.attn.width == 16
     assert layer.attn.to_qkv.weight.shape[:2] == (40, 16) and layer.ffn.agg.weight.shape[0] == 16
-    assert model.body[-2].fused and model.body[-2].width == 12  # the body's last norm feeds a 3×3 conv: unpadded
+    assert model.body[-2].fused and model.body[-2].width == 16 and model.body[-2].weight.shape == (16,)
+    assert model.proj.out_channels == 16 and model.body[-1].weight.shape[:2] == (16, 16)
+    assert model.body[0][-1].weight.shape[:2] == (16, 16)  # a block's 3×3 conv
+    assert (getattr(model.upsampler, "_fold_w", None) is not None) == (upsampler == "pixelshuffle")
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
 

@@ -72,6 +72,45 @@ def test_cpu_float32_params_with_bf16_rows_and_non_uniform_strides():
     check(x, w, b, 1e-5, 48)
 
 
+def prefix_reference(x, w, b, eps, width, n, y=None):
+    """float64: every column normalised with the mean and variance of the first n, then scaled; zero past C."""
+    s = (x if y is None else x + y).double()
+    head = s[..., :n]
+    mean = head.mean(-1, keepdim=True)
+    var = (head - mean).square().mean(-1, keepdim=True)
+    out = (s - mean) / torch.sqrt(var + eps) * w.double() + b.double()
+    return F.pad(out, (0, width - x.shape[-1]))
+
+
+def check_prefix(x, w, b, eps, width, n, y=None, tol=None):
+    out = layer_norm_padded(x, w, b, eps, width, residual=y, norm_cols=n)
+    if y is not None:
+        out, s = out
+        torch.testing.assert_close(s, x + y, rtol=0, atol=0)
+    ref = prefix_reference(x, w, b, eps, width, n, y)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    tol = tol or {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[x.dtype]
+    assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().clamp_min(1).item()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cpu_norm_cols_takes_the_statistics_of_a_prefix(dtype, residual):
+    # arbitrary values past n (the op does not assume zeros there) ...
+    x, w, b = make((3, 5, 184), dtype, "cpu", pad_rows=8)
+    y = make((3, 5, 184), dtype, "cpu")[0] if residual else None
+    check_prefix(x, w, b, 1e-6, 192, 180, y)
+    # ... and the padded layout it is for: zero channels with zero weights stay zero, the real ones equal a plain
+    # LayerNorm of the first 180
+    x = F.pad(x[..., :180], (0, 4))
+    wp, bp = F.pad(w[:180], (0, 4)), F.pad(b[:180], (0, 4))
+    out = layer_norm_padded(x, wp, bp, 1e-6, 184, norm_cols=180)
+    assert (out[..., 180:] == 0).all()
+    torch.testing.assert_close(out[..., :180], layer_norm_padded(x[..., :180], w[:180], b[:180], 1e-6, 180),
+                               rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-2)
+
+
 def test_default_width_and_eps_reach_the_op():
     x, w, b = make((5, 9), torch.float32, "cpu")
     torch.testing.assert_close(layer_norm_padded(x, w, b), F.layer_norm(x, (9,), w, b))
@@ -90,6 +129,9 @@ def test_default_width_and_eps_reach_the_op():
     (dict(residual=torch.ones(3, 4)), ValueError, "residual must have the shape of x"),
     (dict(residual=torch.ones(3, 5, dtype=torch.float64)), TypeError, "residual has dtype"),
     (dict(width=5.0), TypeError, "width must be an int"),
+    (dict(norm_cols=0), ValueError, "norm_cols must be between 1 and x's last dim 5, got 0"),
+    (dict(norm_cols=6), ValueError, "norm_cols must be between 1 and x's last dim 5, got 6"),
+    (dict(norm_cols=2.0), TypeError, "norm_cols must be an int or None"),
     (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
 ])
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -112,6 +154,8 @@ def test_meta_shapes_and_opcheck():
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
     torch.library.opcheck(OPS.layer_norm.default, (xc, wc, bc, 1e-6, 32), test_utils=tests)
     torch.library.opcheck(OPS.add_layer_norm.default, (xc, xc.clone(), wc, bc, 1e-6, 32), test_utils=tests)
+    torch.library.opcheck(OPS.add_layer_norm.default, (xc, xc.clone(), wc, bc, 1e-6, 32, 27), test_utils=tests)
+    assert OPS.layer_norm(x, w, b, 1e-6, 32, 29).shape == (2, 3, 32)
 
 
 def test_compiles_without_graph_breaks():
@@ -159,6 +203,20 @@ def test_cuda_matches_reference(shape, width, pad_rows, dtype, residual, param_f
     first = check(x, w, b, 1e-6, width, y)
     again = layer_norm_padded(x, w, b, 1e-6, width, residual=y)
     torch.testing.assert_close(again[0] if residual else again, first, rtol=0, atol=0)  # deterministic
+
+
+@cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape, n, width", [((2, 90, 130, 184), 180, 184), ((1000, 48), 45, 56), ((7, 33), 1, 40),
+                                             ((5, 2048), 2000, 2048)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cuda_norm_cols(shape, n, width, dtype, residual):
+    if not _cuda_kernels_built():
+        pytest.skip("extension built without CUDA kernels")
+    x, w, b = make(shape, dtype, "cuda", param_dtype=torch.float32)
+    y = make(shape, dtype, "cuda", pad_rows=8)[0] if residual else None
+    check_prefix(x, w, b, 1e-6, width, n, y)
 
 
 @cuda
