@@ -76,18 +76,12 @@ def depthwise_rows(rows: list) -> None:
         t = {"torch_ffn_us": per_call_us(lambda: x + F.gelu(conv(x))),
              "torch_conv_us": per_call_us(lambda: conv(x)),
              "rfsr_ffn_us": per_call_us(lambda: depthwise_conv3x3(x, taps, bias, gelu=True, residual=True)),
-             "rfsr_conv_us": per_call_us(lambda: depthwise_conv3x3(x, taps, bias)),
-             # the FFN's GELU before the conv: separate (F.gelu, then the op) and inside the op (gelu_input)
-             "gelu_then_rfsr_ffn_us": per_call_us(
-                 lambda: depthwise_conv3x3(F.gelu(x), taps, bias, gelu=True, residual=True)),
-             "rfsr_gelu_ffn_us": per_call_us(
-                 lambda: depthwise_conv3x3(x, taps, bias, gelu=True, residual=True, gelu_input=True))}
+             "rfsr_conv_us": per_call_us(lambda: depthwise_conv3x3(x, taps, bias))}
         t["rfsr_ffn_tbs"] = 2 * x.numel() * 2 / 1e6 / t["rfsr_ffn_us"]
         rows.append({"op": "depthwise_conv3x3", "shape": list(x.shape), **t})
         print(f"depthwise 3x3, {C} channels, 180x320: x + gelu(conv(x)) {t['torch_ffn_us']:.1f} us, conv(x) "
               f"{t['torch_conv_us']:.1f} us | rfsr fused {t['rfsr_ffn_us']:.1f} us ({t['rfsr_ffn_tbs']:.2f} TB/s), "
-              f"conv only {t['rfsr_conv_us']:.1f} us | input GELU: separate {t['gelu_then_rfsr_ffn_us']:.1f} us, "
-              f"inside {t['rfsr_gelu_ffn_us']:.1f} us")
+              f"conv only {t['rfsr_conv_us']:.1f} us")
 
 
 def merge_rows(rows: list) -> None:

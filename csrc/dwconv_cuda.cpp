@@ -16,10 +16,10 @@ namespace rfsr {
 namespace {
 
 at::Tensor dwconv_cuda(const at::Tensor& x_in, const at::Tensor& taps_in, const std::optional<at::Tensor>& bias_in,
-                       bool gelu, bool residual, bool gelu_input) {
+                       bool gelu, bool residual) {
   check_dwconv_inputs(x_in, taps_in, bias_in);
   const auto st = x_in.scalar_type();
-  if (!is_elem_dtype(st)) return dwconv_aten(x_in, taps_in, bias_in, gelu, residual, gelu_input);
+  if (!is_elem_dtype(st)) return dwconv_aten(x_in, taps_in, bias_in, gelu, residual);
   TORCH_CHECK_VALUE(x_in.size(2) <= INT_MAX && x_in.size(3) <= INT_MAX && x_in.size(1) <= INT_MAX,
                     "x: sizes too large for the CUDA kernel, got shape ", shape_str(x_in));
   c10::cuda::CUDAGuard guard(x_in.device());
@@ -39,7 +39,6 @@ at::Tensor dwconv_cuda(const at::Tensor& x_in, const at::Tensor& taps_in, const 
   p.C = static_cast<int>(x.size(1));
   p.H = static_cast<int>(x.size(2));
   p.W = static_cast<int>(x.size(3));
-  p.gelu_input = gelu_input;
   p.gelu = gelu;
   p.residual = residual;
   p.dtype = elem_dtype(st, "rfsr::depthwise_conv3x3");

@@ -1,7 +1,6 @@
 // rfsr::depthwise_conv3x3: the schema, the input checks and the ATen implementation (the CPU kernel).
-// out = act(depthwise 3x3 conv of x with zero padding 1 + bias) [+ x], act the identity or the exact GELU, and x
-// optionally gelu(input) first: SST's FFN (g + gelu(dwc(g)) for g = gelu(proj output)) and gate (dwc(x)) convs in
-// one op, so the CUDA kernel reads each input and writes each output once.
+// out = act(depthwise 3x3 conv of x with zero padding 1 + bias) [+ x], act the identity or the exact GELU: SST's
+// FFN (x + gelu(dwc(x))) and gate (dwc(x)) convs in one op, so the CUDA kernel can write each output once.
 #include <torch/library.h>
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -28,11 +27,10 @@ void check_dwconv_inputs(const at::Tensor& x, const at::Tensor& taps, const std:
   }
 }
 
-at::Tensor dwconv_aten(const at::Tensor& x_in, const at::Tensor& taps, const std::optional<at::Tensor>& bias,
-                       bool gelu, bool residual, bool gelu_input) {
-  check_dwconv_inputs(x_in, taps, bias);
+at::Tensor dwconv_aten(const at::Tensor& x, const at::Tensor& taps, const std::optional<at::Tensor>& bias, bool gelu,
+                       bool residual) {
+  check_dwconv_inputs(x, taps, bias);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const at::Tensor x = gelu_input ? at::gelu(x_in) : x_in;
   const int64_t C = x.size(1);
   const at::Tensor weight = taps.permute({2, 0, 1}).unsqueeze(1).to(x.scalar_type());  // (C, 1, 3, 3)
   std::optional<at::Tensor> b;
@@ -44,8 +42,7 @@ at::Tensor dwconv_aten(const at::Tensor& x_in, const at::Tensor& taps, const std
 }
 
 TORCH_LIBRARY_FRAGMENT(rfsr, m) {
-  m.def("depthwise_conv3x3(Tensor x, Tensor taps, Tensor? bias, bool gelu=False, bool residual=False, "
-        "bool gelu_input=False) -> Tensor");
+  m.def("depthwise_conv3x3(Tensor x, Tensor taps, Tensor? bias, bool gelu=False, bool residual=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rfsr, CPU, m) { m.impl("depthwise_conv3x3", &dwconv_aten); }

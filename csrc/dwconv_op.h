@@ -12,6 +12,6 @@ namespace rfsr {
 void check_dwconv_inputs(const at::Tensor& x, const at::Tensor& taps, const std::optional<at::Tensor>& bias);
 
 at::Tensor dwconv_aten(const at::Tensor& x, const at::Tensor& taps, const std::optional<at::Tensor>& bias, bool gelu,
-                       bool residual, bool gelu_input);
+                       bool residual);
 
 }  // namespace rfsr

@@ -24,7 +24,7 @@ constexpr int kThreads = kTileW * kGroup;
 
 __device__ __forceinline__ float gelu(float a) { return 0.5f * a * (1.0f + erff(a * 0.70710678118654752f)); }
 
-template <typename T, int kVec, bool kGeluIn, bool kGelu, bool kResidual>
+template <typename T, int kVec, bool kGelu, bool kResidual>
 __global__ void __launch_bounds__(kThreads, 3) dwconv3x3_kernel(const DwConvParams p) {
   using PackT = Pack<T, kVec>;
   __shared__ PackT tile[kTileH + 2][kTileW + 2][kGroup];  // (halo row, halo column, channel vector)
@@ -61,13 +61,6 @@ __global__ void __launch_bounds__(kThreads, 3) dwconv3x3_kernel(const DwConvPara
     }
   }
   if constexpr (sizeof(PackT) >= 4) asm volatile("cp.async.wait_all;\n" ::);
-  if constexpr (kGeluIn) {  // the input's own GELU, once per tile element (its own copies: no barrier needed yet)
-    for (int i = threadIdx.x; i < (kTileH + 2) * (kTileW + 2) * kGroup; i += kThreads) {
-      PackT& pk = (&tile[0][0][0])[i];  // zeros outside stay zero: gelu(0) = 0
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) pk.v[e] = Conv<T>::store(gelu(Conv<T>::load(pk.v[e])));
-    }
-  }
   __syncthreads();
 
   // 2. Each thread: column `col`, channel vector `cv`, rows y0 .. y0 + kTileH - 1.
@@ -158,12 +151,9 @@ cudaError_t launch(const DwConvParams& p_all, cudaStream_t stream) {
     p.x = static_cast<const T*>(p_all.x) + b0 * image;
     p.out = static_cast<T*>(p_all.out) + b0 * image;
     const dim3 grid(static_cast<unsigned>(p.B * per_image));
-    with_flag(p.gelu_input, [&](auto gelu_in) {
-      with_flag(p.gelu, [&](auto gelu) {
-        with_flag(p.residual, [&](auto residual) {
-          dwconv3x3_kernel<T, kVec, decltype(gelu_in)::value, decltype(gelu)::value, decltype(residual)::value>
-              <<<grid, kThreads, 0, stream>>>(p);
-        });
+    with_flag(p.gelu, [&](auto gelu) {
+      with_flag(p.residual, [&](auto residual) {
+        dwconv3x3_kernel<T, kVec, decltype(gelu)::value, decltype(residual)::value><<<grid, kThreads, 0, stream>>>(p);
       });
     });
     const cudaError_t e = cudaGetLastError();

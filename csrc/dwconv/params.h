@@ -1,8 +1,7 @@
 // rfsr::depthwise_conv3x3 on CUDA: the parameters of one call (no torch types; csrc/dwconv_cuda.cpp fills them).
 //
 // out = act(depthwise 3x3 conv of x, zero padding 1, + bias) [+ x], channels-last: x and out are (B, H, W, C) rows
-// of C contiguous channels, and x optionally gelu(input) (rounded to the dtype, as a separate GELU would). act is
-// the identity or the exact (erf) GELU. Taps are float32 (3, 3, C), bias float32.
+// of C contiguous channels. act is the identity or the exact (erf) GELU. Taps are float32 (3, 3, C), bias float32.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,7 +19,6 @@ struct DwConvParams {
   void* out = nullptr;
   int64_t B = 0;
   int H = 0, W = 0, C = 0;
-  bool gelu_input = false;  // x := gelu(x) first (the residual is then gelu(x) too): the GELU before the conv
   bool gelu = false;
   bool residual = false;  // add x to the result
   ElemDtype dtype = ElemDtype::kFloat32;

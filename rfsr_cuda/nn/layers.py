@@ -143,16 +143,16 @@ class ConvFFN(nn.Module):
         grow_conv(self.agg, out_channels=width)
 
     def use_op(self) -> None:
-        """Run ``g + gelu(dwc(g))`` for ``g = gelu(proj(x))`` as one ``rfsr::depthwise_conv3x3`` call after the
-        projection (taps taken from the weights now, in float32; no autograd): for inference, after any change to
-        the weights (``SST.prepare_inference``). While ``dwc`` has forward hooks, or gradients are needed, the
-        modules run as they are."""
+        """Run ``x + gelu(dwc(x))`` as one ``rfsr::depthwise_conv3x3`` call (taps taken from the weights now, in
+        float32; no autograd): for inference, after any change to the weights (``SST.prepare_inference``). While
+        ``dwc`` has forward hooks, or gradients are needed, the modules run as they are."""
         use_depthwise_op(self.dwc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # gelu(proj(x)) + gelu(dwc(gelu(proj(x)))): the first GELU inside the depthwise op (on the op route)
-        x = depthwise3x3(self.dwc, conv1x1(x, self.proj), gelu=True, residual=True, gelu_input=True)
-        return conv1x1(x, self.agg)
+        # (the first GELU stays a separate pass: inside the depthwise op's tile load it measured slower on an H200,
+        # which has the bandwidth for it and not the erf throughput)
+        x = F.gelu(conv1x1(x, self.proj))
+        return conv1x1(depthwise3x3(self.dwc, x, gelu=True, residual=True), self.agg)
 
 
 class SSTLayer(nn.Module):

@@ -142,15 +142,11 @@ def use_depthwise_op(conv: nn.Conv2d) -> None:
     conv.register_buffer("_rfsr_bias", None if conv.bias is None else op_param(conv.bias), persistent=False)
 
 
-def depthwise3x3(conv: nn.Conv2d, x: torch.Tensor, *, gelu: bool = False, residual: bool = False,
-                 gelu_input: bool = False) -> torch.Tensor:
-    """``conv(x)``, then the exact GELU when ``gelu``, plus ``x`` when ``residual``, for ``x := gelu(x)`` when
-    ``gelu_input``: one ``rfsr::depthwise_conv3x3`` call after ``use_depthwise_op(conv)`` where the op may stand in
-    for the modules (``op_may_replace``)."""
+def depthwise3x3(conv: nn.Conv2d, x: torch.Tensor, *, gelu: bool = False, residual: bool = False) -> torch.Tensor:
+    """``conv(x)``, then the exact GELU when ``gelu``, plus ``x`` when ``residual``: one ``rfsr::depthwise_conv3x3``
+    call after ``use_depthwise_op(conv)`` where the op may stand in for the modules (``op_may_replace``)."""
     if getattr(conv, "_rfsr_taps", None) is not None and op_may_replace(conv, x):
-        return torch.ops.rfsr.depthwise_conv3x3(x, conv._rfsr_taps, conv._rfsr_bias, gelu, residual, gelu_input)
-    if gelu_input:
-        x = F.gelu(x)
+        return torch.ops.rfsr.depthwise_conv3x3(x, conv._rfsr_taps, conv._rfsr_bias, gelu, residual)
     y = conv(x)
     if gelu:
         y = F.gelu(y)

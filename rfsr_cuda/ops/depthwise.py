@@ -38,7 +38,7 @@ def _check(x, taps, bias) -> None:
 
 
 @torch.library.register_fake("rfsr::depthwise_conv3x3")
-def _fake(x, taps, bias, gelu=False, residual=False, gelu_input=False):
+def _fake(x, taps, bias, gelu=False, residual=False):
     _check(x, taps, bias)
     return torch.empty_like(x, memory_format=torch.channels_last)
 
@@ -56,14 +56,12 @@ def depthwise_taps(weight: torch.Tensor) -> torch.Tensor:
 
 
 def depthwise_conv3x3(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None = None, *, gelu: bool = False,
-                      residual: bool = False, gelu_input: bool = False) -> torch.Tensor:
+                      residual: bool = False) -> torch.Tensor:
     """``act(depthwise_conv3x3(x) + bias)``, plus ``x`` when ``residual``; ``act`` the exact GELU when ``gelu``.
-    With ``gelu_input``, ``x`` is first replaced by ``gelu(x)`` (the residual too): SST's FFN
-    ``g + gelu(dwc(g))`` for ``g = gelu(proj(x))`` reads the projection's output once.
 
     ``x`` is ``(B, C, H, W)`` (channels-last is read without a copy), ``taps`` ``(3, 3, C)`` (``depthwise_taps``
     of a conv weight), ``bias`` ``(C,)``; the result is channels-last in x's dtype, rounded where the unfused
     ``x + gelu(conv(x))`` rounds. No autograd.
     """
     _check(x, taps, bias)
-    return torch.ops.rfsr.depthwise_conv3x3(x, taps, bias, bool(gelu), bool(residual), bool(gelu_input))
+    return torch.ops.rfsr.depthwise_conv3x3(x, taps, bias, bool(gelu), bool(residual))

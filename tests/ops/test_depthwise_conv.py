@@ -10,14 +10,10 @@ OPS = torch.ops.rfsr
 cuda = pytest.mark.cuda
 
 
-# (gelu, residual, gelu_input): every combination of the op's output flags, and the FFN's input GELU
-FLAGS = [(False, False, False), (True, True, False), (True, False, False), (False, True, False), (True, True, True),
-         (False, True, True)]
+FLAGS = [(False, False), (True, True), (True, False), (False, True)]  # (gelu, residual)
 
 
-def reference(x, weight, bias, gelu, residual, gelu_input=False):
-    if gelu_input:
-        x = F.gelu(x)  # in x's dtype: rounded as the separate GELU the op replaces
+def reference(x, weight, bias, gelu, residual):
     y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1,
                  groups=x.shape[1])
     if gelu:
@@ -34,11 +30,11 @@ def make(B, C, H, W, dtype, device, *, channels_last=True):
     return x, weight, bias
 
 
-def check(x, weight, bias, gelu, residual, gelu_input=False):
-    got = depthwise_conv3x3(x, depthwise_taps(weight), bias, gelu=gelu, residual=residual, gelu_input=gelu_input)
+def check(x, weight, bias, gelu, residual):
+    got = depthwise_conv3x3(x, depthwise_taps(weight), bias, gelu=gelu, residual=residual)
     assert got.shape == x.shape and got.dtype == x.dtype
     assert got.is_contiguous(memory_format=torch.channels_last)
-    ref = reference(x, weight, bias, gelu, residual, gelu_input)
+    ref = reference(x, weight, bias, gelu, residual)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[x.dtype]
     if ref.numel():
         err = (got.double() - ref).abs().max().item()
@@ -48,11 +44,11 @@ def check(x, weight, bias, gelu, residual, gelu_input=False):
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 8, 1, 1), (1, 3, 4, 2), (0, 4, 3, 3)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("gelu, residual, gelu_input", FLAGS)
+@pytest.mark.parametrize("gelu, residual", FLAGS)
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_cpu_matches_reference(shape, dtype, gelu, residual, gelu_input, channels_last):
+def test_cpu_matches_reference(shape, dtype, gelu, residual, channels_last):
     x, w, b = make(*shape, dtype, "cpu", channels_last=channels_last)
-    check(x, w, b, gelu, residual, gelu_input)
+    check(x, w, b, gelu, residual)
 
 
 def test_no_bias_and_taps_layout():
@@ -94,7 +90,6 @@ def test_meta_opcheck_and_compile():
     taps = depthwise_taps(w)
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
     torch.library.opcheck(OPS.depthwise_conv3x3.default, (x, taps, b, True, True), test_utils=tests)
-    torch.library.opcheck(OPS.depthwise_conv3x3.default, (x, taps, b, True, True, True), test_utils=tests)
     fn = torch.compile(lambda x: depthwise_conv3x3(x, taps, b, gelu=True, residual=True), fullgraph=True)
     torch.testing.assert_close(fn(x), depthwise_conv3x3(x, taps, b, gelu=True, residual=True))
 
@@ -113,13 +108,13 @@ CUDA_SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 232, 96, 96), (2, 184, 45, 80), (
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("gelu, residual, gelu_input", FLAGS)
-def test_cuda_matches_reference(shape, dtype, gelu, residual, gelu_input):
+@pytest.mark.parametrize("gelu, residual", FLAGS)
+def test_cuda_matches_reference(shape, dtype, gelu, residual):
     if not _cuda_kernel_built():
         pytest.skip("extension built without CUDA kernels")
     x, w, b = make(*shape, dtype, "cuda")
-    got = check(x, w, b, gelu, residual, gelu_input)
-    again = depthwise_conv3x3(x, depthwise_taps(w), b, gelu=gelu, residual=residual, gelu_input=gelu_input)
+    got = check(x, w, b, gelu, residual)
+    again = depthwise_conv3x3(x, depthwise_taps(w), b, gelu=gelu, residual=residual)
     torch.testing.assert_close(again, got, rtol=0, atol=0)  # deterministic
 
 
