@@ -1,8 +1,8 @@
-// rfsr::layer_norm on CUDA: a group of L lanes per row (L = the row's accesses rounded up to a power of two, at
-// most a warp), every value held in registers between the two reductions (mean, then the centred sum of squares,
-// which is exact enough in float32 where the one-pass E[x^2] - mean^2 is not). PyTorch's LayerNorm kernel spends a
-// whole block and two block-wide reductions on each row, which leaves SST's short rows (48 to 224 channels)
-// latency-bound at a fifth of the copy bandwidth or less.
+// rfsr::layer_norm on CUDA: a group of L lanes per row (a power of two, at most a warp: lanes_for), every value
+// held in registers between the two reductions (mean, then the centred sum of squares, which is exact enough in
+// float32 where the one-pass E[x^2] - mean^2 is not). PyTorch's LayerNorm kernel spends a whole block and two
+// block-wide reductions on each row, which leaves SST's short rows (48 to 224 channels) latency-bound at a fifth of
+// the copy bandwidth or less.
 #include "params.h"
 
 #include "../common/elementwise.cuh"
@@ -16,11 +16,18 @@ constexpr int kThreads = 128;
 constexpr int kMaxIters = 8;  // accesses per lane: rows of up to 32 * 8 accesses (kLayerNormMaxAccesses)
 static_assert(32 * kMaxIters == kLayerNormMaxAccesses, "row limit");
 
-// Lanes for a row of n_acc accesses: n_acc rounded up to a power of two, at most a warp.
+// Lanes for a row of n_acc accesses: the power of two (at most a warp) whose lanes x accesses-per-lane slots waste
+// the fewest, up to 4 accesses a lane (wider rows: a warp). Loads in flight per SM, which set the bandwidth of these
+// short rows, are bounded by the registers holding them: idle slots hold nothing (SST's 23 accesses take 8 lanes x
+// 3, where 32 lanes x 1 left 9 of 32 idle), and the fewer lanes, the more rows a warp has in flight.
 __host__ __device__ constexpr int lanes_for(int n_acc) {
-  int lanes = 1;
-  while (lanes < n_acc && lanes < 32) lanes *= 2;
-  return lanes;
+  int best = 32, best_slots = 32 * ((n_acc + 31) / 32);
+  for (int lanes = 16; lanes >= 1; lanes /= 2) {
+    const int iters = (n_acc + lanes - 1) / lanes;
+    if (iters > 4) break;
+    if (lanes * iters < best_slots) best = lanes, best_slots = lanes * iters;  // ties keep more lanes
+  }
+  return best;
 }
 
 __device__ __forceinline__ float group_sum(float v, int lanes) {
@@ -29,7 +36,7 @@ __device__ __forceinline__ float group_sum(float v, int lanes) {
   return v;
 }
 
-// kIters: accesses per lane, the row's accesses over its lanes rounded up to a power of two (values of a row stay in
+// kIters: accesses per lane, the row's accesses over its lanes rounded up to 1, 2, 3, 4 or 8 (values of a row stay in
 // registers: sized for the widest row, they would cut the occupancy, and with it the loads in flight, to a quarter).
 template <typename T, typename P, int kVec, int kIters, bool kResidual>
 __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const LayerNormParams p) {
@@ -129,6 +136,7 @@ cudaError_t dispatch_iters(const LayerNormParams& p, cudaStream_t stream) {
   const int iters = (n_acc + lanes_for(n_acc) - 1) / lanes_for(n_acc);
   if (iters <= 1) return launch<T, P, kVec, 1>(p, stream);
   if (iters <= 2) return launch<T, P, kVec, 2>(p, stream);
+  if (iters <= 3) return launch<T, P, kVec, 3>(p, stream);
   if (iters <= 4) return launch<T, P, kVec, 4>(p, stream);
   return launch<T, P, kVec, kMaxIters>(p, stream);
 }
