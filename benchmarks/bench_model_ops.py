@@ -5,11 +5,11 @@
 ``dwc(x)`` for 232, 184, 72 and 48 channels, 180×320 pixels) against cuDNN's conv plus PyTorch's GELU and add, and
 ``rfsr::window_merge`` (windows back to 180×320 pixel rows, shifted and cropped, times ``sigmoid(gate)``, into the
 padded rows: SST's 180 → 184 channels at 64×64 windows, SST-light's 60 → 64 at 16×16) against the attention layer's
-unfused route (one gather, ``sigmoid``, the product into the gate's padded rows), and ``rfsr::window_partition``
-(pad + shift + partition of the q, k, v columns of the projection's rows) against the layer's gather of 8-byte words;
-a block's 3×3 conv and residual add at 180 and 184 channels, and the ×4 'pixelshuffle' upsampler unfolded and folded.
-Each time is the best of 5 runs of 200 back-to-back calls between CUDA events (microseconds per call), so launch
-gaps do not count; TB/s counts the bytes each op must move once.
+unfused route (one gather, ``sigmoid``, the product into the gate's padded rows), and ``rfsr::window_partition`` (pad
++ shift + partition of the q, k, v columns of the projection's rows) against the layer's gather of 8-byte words; a
+block's 3×3 conv and residual add at 180 and 184 channels, and the ×4 'pixelshuffle' upsampler unfolded and folded.
+Each time is the best of 5 runs of 200 back-to-back calls between CUDA events (microseconds per call), so launch gaps
+do not count; TB/s counts the bytes each op must move once.
 
     python benchmarks/bench_model_ops.py [--out FILE.json]
 """
@@ -48,7 +48,7 @@ def layer_norm_rows(rows: list) -> None:
     for C, row, width in ((180, 180, 184), (180, 184, 184), (48, 48, 48), (224, 224, 224)):
         x = torch.randn(M, row, device="cuda", dtype=torch.bfloat16)
         y = torch.randn_like(x)
-        w, b = torch.randn(row, device="cuda", dtype=torch.bfloat16), torch.randn(row, device="cuda", dtype=torch.bfloat16)
+        w, b = (torch.randn(row, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         n = C if row != C else None
         mb_in, mb_out = M * row * 2 / 1e6, M * width * 2 / 1e6
         t = {"torch_layer_norm_us": per_call_us(lambda: F.layer_norm(x[:, :C], (C,), w[:C], b[:C], 1e-6)),

@@ -173,8 +173,9 @@ class SSTLayer(nn.Module):
         """Inference layout for a width that is not a multiple of ``multiple`` (SST's 180): both norms write
         ``padded_width(dim)`` channels, the extra ones zero, and the attention and the FFN take and return that many
         (zero weights on the extra inputs, zero outputs), so every 1×1 GEMM reads and writes 16-byte-aligned rows;
-        cuBLAS runs the 2-byte-aligned ones several times slower. The residual stream keeps ``dim`` channels. The
-        function is unchanged. Needs the norms on the op (``LayerNorm2d.use_op``); for inference only."""
+        cuBLAS runs the 2-byte-aligned ones several times slower. The residual stream keeps its width here
+        (``SST.pad_channels`` pads it too). The function is unchanged. Needs the norms on the op
+        (``LayerNorm2d.use_op``); for inference only."""
         dim = self.norm_attn.dim
         width = padded_width(dim, check_positive_int(multiple, "multiple"))
         if width == dim:
@@ -277,10 +278,11 @@ class Upsampler(nn.Module):
         """For 'pixelshuffle': precompute the one 5×5 conv (nf → 3r² sub-pixel channels, at LR) that equals
         ``up_conv``, the pixel shuffle and ``final_conv`` (all linear) away from the image border, in float64 from
         the weights now (non-persistent buffers, in ``dtype``, the weights' by default, channels-last): for
-        inference, after any change to the weights (``SST.prepare_inference``). The forward then skips the nf·r²-channel LR map, its shuffled
-        copy and the HR 3×3 conv (9× fewer multiply-adds), and recomputes only the outermost ring of output pixels
-        the original way (there ``final_conv`` sees the HR map's zero padding, which the folded conv cannot). Other
-        upsampler types: nothing to fold."""
+        inference, after any change to the weights (``SST.prepare_inference``). The forward then skips the
+        nf·r²-channel LR map, its shuffled copy and the HR 3×3 conv (9× fewer multiply-adds), and recomputes only
+        the outermost ring of output pixels the original way (there ``final_conv`` sees the HR map's zero padding,
+        which the folded conv cannot). It steps aside for gradients and for forward hooks on the three convs.
+        Other upsampler types: nothing to fold."""
         if self.upsampler_type != "pixelshuffle":
             return
         r, up, fin = self.upscaling_factor, self.up_conv, self.final_conv
