@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from rfsr_cuda.nn import ConvFFN, LayerNorm2d, SSTBlock, SSTLayer, Upsampler, resize_up_conv, up_conv_scale
+from rfsr_cuda.nn.layers import shuffle_add
 
 
 def test_layernorm2d_normalises_channels():
@@ -137,6 +138,84 @@ def test_layernorm2d_op_route_matches_aten(width):
     torch.testing.assert_close(got[:, :5], expected, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="width must be >= the 5 channels"):
         LayerNorm2d(5).use_op(4)
+
+
+def test_layernorm2d_pad_input_takes_padded_rows():
+    # a norm of 5 channels fed rows of 8 whose last 3 are zero: the statistics are the first 5's, the output's extra
+    # channels stay zero, on the op route and on the ATen route (gradients), and unpadded rows still work
+    ln = LayerNorm2d(5).double()
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    y = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    expected = ln(x + y)
+    ln.use_op()
+    ln.pad_input(8)
+    assert ln.weight.shape == (8,) and ln.width == 8 and ln.dim == 5
+    xp, yp = (F.pad(t, (0, 0, 0, 0, 0, 3)).contiguous(memory_format=torch.channels_last) for t in (x, y))
+    with torch.no_grad():
+        s, n = ln.add_norm(xp, yp)
+        alone = ln(x + y)
+    torch.testing.assert_close(s, xp + yp, rtol=0, atol=0)
+    for out in (n, alone, ln((xp + yp).requires_grad_())):
+        assert out.shape == (2, 8, 3, 4) and (out[:, 5:] == 0).all()
+        torch.testing.assert_close(out[:, :5], expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="x must have 5 channels"):
+        with torch.no_grad():
+            ln(torch.zeros(1, 6, 2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4])
+@pytest.mark.parametrize("hw", [(3, 3), (5, 9), (13, 6), (2, 7)])
+def test_upsampler_fold_is_exact(r, hw):
+    # the folded 'pixelshuffle' tail (one LR 5×5 conv, the border ring recomputed) equals the three ops in float64;
+    # sides below 3 pixels, gradients and hooks on the convs take the unfolded route
+    torch.manual_seed(r)
+    up = Upsampler(12, r, "pixelshuffle", intermediate_dim=8).double()
+    with torch.no_grad():
+        for p in up.parameters():
+            p.copy_(0.3 * torch.randn_like(p))  # biases too: the ring and the folded bias both carry them
+    x = torch.randn(2, 12, *hw, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    skip = torch.randn(2, 3, *hw, dtype=torch.float64)
+    with torch.no_grad():
+        expected = up(x, skip)
+        up.fold()
+        assert up._fold_w.shape == (3 * r * r, 8, 5, 5)
+        assert up._folded(x) == (min(hw) >= 3)
+        got = up(x, skip)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    calls = []
+    handle = up.final_conv.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
+    with torch.no_grad():
+        torch.testing.assert_close(up(x, skip), expected, rtol=0, atol=1e-10)
+    handle.remove()
+    assert calls and calls[0][-2:] == (r * hw[0], r * hw[1])  # the whole HR map: unfolded
+    out = up(x.requires_grad_(), skip)
+    out.sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=1e-10)
+
+
+def test_upsampler_fold_leaves_other_types_alone():
+    for kind in ("pixelshuffle_direct", "nn+conv"):
+        up = Upsampler(8, 2, kind)
+        up.fold()
+        assert getattr(up, "_fold_w", None) is None
+
+
+def test_shuffle_add_matches_pixel_shuffle():
+    # one pass for pixel_shuffle(y + repeat_interleave(skip, r², 1), r), the dtypes promoted as the ops do; with
+    # gradients the ops themselves
+    y = torch.randn(2, 3 * 9, 4, 5).contiguous(memory_format=torch.channels_last).bfloat16()
+    skip = torch.randn(2, 3, 4, 5)
+    expected = F.pixel_shuffle(y + torch.repeat_interleave(skip, 9, dim=1), 3)
+    got = shuffle_add(y, skip, 3)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    yg = y.float().requires_grad_()
+    shuffle_add(yg, skip, 3).sum().backward()
+    torch.testing.assert_close(yg.grad, torch.ones_like(yg))
 
 
 @pytest.mark.parametrize("gate", ["DWC", "Linear", None])
