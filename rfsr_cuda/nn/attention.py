@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import flash_rfbias, flash_rfbias_concat, flash_rfbias_reference
-from .rib import (RIB, autocast_enabled, check_positive_int, conv1x1, depthwise3x3, has_forward_hooks, move_words,
-                  needs_grad, no_autocast, padded_width, use_depthwise_op, zero_padded)
+from .rib import (RIB, autocast_enabled, check_positive_int, conv1x1, depthwise3x3, grow_conv, has_forward_hooks,
+                  move_words, needs_grad, no_autocast, padded_width, use_depthwise_op, zero_padded)
 
 ATTN_BACKENDS = ("fused", "concat", "reference")
 GATE_TYPES = (None, "DWC", "Linear")
@@ -152,25 +152,19 @@ class RIBWindowAttention(RIB):
         if width < C:
             raise ValueError(f"width must be >= dim ({C}), got {width}")
         qkv_width = padded_width(3 * C, check_positive_int(multiple, "multiple"))
-        with torch.no_grad():
-            w = self.to_qkv.weight
-            self.to_qkv.weight = zero_padded(w, (qkv_width, width, *w.shape[2:]))
-            self.to_qkv.bias = zero_padded(self.to_qkv.bias, (qkv_width,))
-            w = self.to_out.weight
-            self.to_out.weight = zero_padded(w, (width, width, *w.shape[2:]))
-            self.to_out.bias = zero_padded(self.to_out.bias, (width,))
-            # the gate's extra channels come out as sigmoid(0) = 0.5: finite, and to_out gives them zero weights
-            for conv in self.gate or ():
-                if isinstance(conv, nn.Conv2d):
-                    w = conv.weight
-                    depthwise = conv.groups > 1
-                    conv.weight = zero_padded(w, (width, *w.shape[1:]) if depthwise else (width, width, *w.shape[2:]))
-                    conv.bias = zero_padded(conv.bias, (width,))
-                    conv.in_channels = conv.out_channels = width
-                    if depthwise:
-                        conv.groups = width
-        self.to_qkv.in_channels, self.to_qkv.out_channels = width, qkv_width
-        self.to_out.in_channels = self.to_out.out_channels = width
+        grow_conv(self.to_qkv, qkv_width, width)
+        grow_conv(self.to_out, width, width)
+        # the gate's extra channels come out as sigmoid(0) = 0.5: finite, and to_out gives them zero weights
+        for conv in self.gate or ():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            if conv.groups == 1:
+                grow_conv(conv, width, width)
+                continue
+            with torch.no_grad():  # depthwise: one filter per channel
+                conv.weight = zero_padded(conv.weight, (width, *conv.weight.shape[1:]))
+                conv.bias = zero_padded(conv.bias, (width,))
+            conv.in_channels = conv.out_channels = conv.groups = width
         self.width = width
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,8 @@ class LayerNorm2d(nn.Module):
         return self.fused and not needs_grad(x, self.weight, self.bias)
 
     def _op_params(self, C: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-        """Weight, bias and norm_cols for op rows of C channels: the padded parameters for padded rows."""
+        """Weight, bias and norm_cols for rows of C channels: the padded parameters for padded rows, the first dim
+        for unpadded ones."""
         if C == self.weight.shape[0]:
             return self.weight, self.bias, self.dim if C != self.dim else None
         if C == self.dim:
@@ -76,7 +77,7 @@ class LayerNorm2d(nn.Module):
 
     def _aten(self, s: torch.Tensor) -> torch.Tensor:
         d = self.dim
-        w, b = (self.weight, self.bias) if self.weight.shape[0] == d else (self.weight[:d], self.bias[:d])
+        w, b, _ = self._op_params(d)
         out = F.layer_norm(_channels(s, d).permute(0, 2, 3, 1), (d,), w, b, self.eps)
         if self.width > out.shape[-1]:
             out = F.pad(out, (0, self.width - out.shape[-1]))
