@@ -216,6 +216,18 @@ def test_large_batch():
     check_against_reference(q, k, v, bq, bk)
 
 
+@pytest.mark.parametrize("N,D,R,batched", [(200, 30, 18, False), (450, 30, 34, True), (70, 16, 24, False),
+                                             (300, 32, 32, True)])
+def test_persistent_item_stream(N, D, R, batched):
+    # The wgmma kernel's persistent CTAs walk several work items each (192 query rows of one window and head),
+    # carrying the K/V ring and the two query buffers from one item to the next. Many windows per CTA, with N leaving
+    # two, one or no consumers of a window's last item without rows, must each get their own output and lse.
+    B = 1200 // (N // 64 + 1)
+    q, k, v, bq, bk = make_inputs(B, N, 2, D, R, torch.bfloat16, batched, seed=N + D + R)
+    v = v * torch.linspace(0.5, 2.0, B, device="cuda", dtype=v.dtype)[:, None, None, None]  # windows differ in scale
+    check_against_reference(q, k, v, bq, bk)
+
+
 # --- behaviour -----------------------------------------------------------------------------------------------------
 
 def test_windows_do_not_leak():

@@ -134,12 +134,13 @@ struct SwizzledRowPlan {
 };
 
 // Factor rows into columns [D, D + R) of a swizzled tile, 4-byte units (vec2) or 2-byte ones. A row's units are
-// spread over up to kNThreads / 8 threads (each takes every tpr-th unit, at most kMaxK of them: R <= 128), so rows
-// still advance in multiples of 8 and every offset is computed once per CTA.
-template <int kNThreads>
+// spread over up to kNThreads / 8 threads (each takes every tpr-th unit, at most kMaxK of them), so rows still
+// advance in multiples of 8 and every offset is computed once per CTA. kMaxRank bounds R (a tile of kDqk columns
+// holds R < kDqk): the offsets a thread keeps are registers, which the warp-specialised producer is short of.
+template <int kNThreads, int kMaxRank = 128>
 struct SwizzledFactorPlan {
   static constexpr int kMaxTpr = kNThreads / 8;
-  static constexpr int kMaxK = (128 + kMaxTpr - 1) / kMaxTpr;
+  static constexpr int kMaxK = (kMaxRank + kMaxTpr - 1) / kMaxTpr;
   int units, tpr, rows_per_it, row, lane_unit, s_step, nk, kk;
   int s_off[kMaxK];
   bool active;
