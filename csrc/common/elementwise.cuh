@@ -6,6 +6,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
 #include "dtype.h"
 
 namespace rfsr {
@@ -38,6 +42,34 @@ cudaError_t dispatch_dtype(ElemDtype dt, F&& f) {
     case ElemDtype::kFloat32: return f(float{});
     case ElemDtype::kFloat16: return f(__half{});
     case ElemDtype::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Launches a row kernel (kThreads-thread blocks, a group of lanes(row_elems / vec) lanes per row) over B images of
+// rows_per_image rows: launch(kvec, grid, b0, rows, lanes) launches the chunk of whole images from image b0, kvec
+// being std::integral_constant<int, vec> (1, 2, 4 or 8, else cudaErrorInvalidValue). Chunks of fewer than 2^31
+// threads keep the kernels' thread indices in 32 bits and the grid within its x limit.
+template <int kThreads, typename Lanes, typename F>
+cudaError_t launch_rows(int vec, int B, int64_t rows_per_image, int row_elems, Lanes&& lanes_for, F&& launch) {
+  const auto chunks = [&](auto kvec) -> cudaError_t {
+    const int lanes = lanes_for(row_elems / decltype(kvec)::value);
+    const int64_t per_image = rows_per_image * lanes;
+    if (per_image > int64_t(0x7fffffff) - kThreads) return cudaErrorInvalidValue;
+    const int chunk = int(std::min<int64_t>(B, (int64_t(0x7fffffff) - kThreads) / per_image));
+    for (int b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t threads = std::min(chunk, B - b0) * per_image;
+      launch(kvec, dim3(unsigned((threads + kThreads - 1) / kThreads)), b0, unsigned(threads / lanes), lanes);
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  };
+  switch (vec) {
+    case 1: return chunks(std::integral_constant<int, 1>{});
+    case 2: return chunks(std::integral_constant<int, 2>{});
+    case 4: return chunks(std::integral_constant<int, 4>{});
+    case 8: return chunks(std::integral_constant<int, 8>{});
   }
   return cudaErrorInvalidValue;
 }

@@ -7,7 +7,6 @@
 
 #include "../common/elementwise.cuh"
 
-#include <algorithm>
 #include <cstdint>
 
 namespace rfsr {
@@ -65,39 +64,6 @@ __global__ void __launch_bounds__(kThreads) window_merge_kernel(const WindowMerg
   }
 }
 
-template <typename T, int kVec>
-cudaError_t launch(const WindowMergeParams& p, cudaStream_t stream) {
-  const int lanes = lanes_for(p.width / kVec);
-  // whole images per launch, fewer than 2^31 threads each
-  const int64_t per_image = int64_t(p.H) * p.W * lanes;
-  if (per_image > int64_t(0x7fffffff) - kThreads) return cudaErrorInvalidValue;
-  const int chunk = int(std::min<int64_t>(p.B, (int64_t(0x7fffffff) - kThreads) / per_image));
-  for (int b0 = 0; b0 < p.B; b0 += chunk) {
-    const int64_t threads = std::min(chunk, p.B - b0) * per_image;
-    const unsigned pixels = unsigned(threads / lanes);
-    const dim3 grid(unsigned((threads + kThreads - 1) / kThreads));
-    if (p.gate != nullptr) {
-      window_merge_kernel<T, kVec, true><<<grid, kThreads, 0, stream>>>(p, b0, pixels, lanes);
-    } else {
-      window_merge_kernel<T, kVec, false><<<grid, kThreads, 0, stream>>>(p, b0, pixels, lanes);
-    }
-    const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
-}
-
-template <typename T>
-cudaError_t dispatch_vec(const WindowMergeParams& p, cudaStream_t stream) {
-  switch (p.vec) {
-    case 1: return launch<T, 1>(p, stream);
-    case 2: return launch<T, 2>(p, stream);
-    case 4: return launch<T, 4>(p, stream);
-    case 8: return launch<T, 8>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 cudaError_t window_merge(const WindowMergeParams& p, cudaStream_t stream) {
@@ -105,7 +71,18 @@ cudaError_t window_merge(const WindowMergeParams& p, cudaStream_t stream) {
   if (p.C <= 0 || p.width < p.C || p.vec <= 0 || p.C % p.vec || p.width % p.vec) return cudaErrorInvalidValue;
   if (p.wh <= 0 || p.ww <= 0 || int64_t(p.nh) * p.wh < p.H || int64_t(p.nw) * p.ww < p.W) return cudaErrorInvalidValue;
   if (p.shift_h < 0 || p.shift_h >= p.nh * p.wh || p.shift_w < 0 || p.shift_w >= p.nw * p.ww) return cudaErrorInvalidValue;
-  return dispatch_dtype(p.dtype, [&](auto t) { return dispatch_vec<decltype(t)>(p, stream); });
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    const auto launch = [&](auto kvec, dim3 grid, int b0, unsigned pixels, int lanes) {
+      constexpr int kVec = decltype(kvec)::value;
+      if (p.gate != nullptr) {
+        window_merge_kernel<T, kVec, true><<<grid, kThreads, 0, stream>>>(p, b0, pixels, lanes);
+      } else {
+        window_merge_kernel<T, kVec, false><<<grid, kThreads, 0, stream>>>(p, b0, pixels, lanes);
+      }
+    };
+    return launch_rows<kThreads>(p.vec, p.B, int64_t(p.H) * p.W, p.width, lanes_for, launch);
+  });
 }
 
 }  // namespace rfsr

@@ -4,7 +4,6 @@
 
 #include "../common/elementwise.cuh"
 
-#include <algorithm>
 #include <cstdint>
 
 namespace rfsr {
@@ -48,35 +47,6 @@ __global__ void __launch_bounds__(kThreads) window_partition_kernel(const Window
   for (int c = lane; c < n; c += lanes) dst[c] = src[c];
 }
 
-template <typename T, int kVec>
-cudaError_t launch(const WindowPartitionParams& p, cudaStream_t stream) {
-  const int lanes = lanes_for(p.C / kVec);
-  // whole images per launch, fewer than 2^31 threads each
-  const int64_t per_image = int64_t(p.nh) * p.nw * p.wh * p.ww * lanes;
-  if (per_image > int64_t(0x7fffffff) - kThreads) return cudaErrorInvalidValue;
-  const int chunk = int(std::min<int64_t>(p.B, (int64_t(0x7fffffff) - kThreads) / per_image));
-  for (int b0 = 0; b0 < p.B; b0 += chunk) {
-    const int64_t threads = std::min(chunk, p.B - b0) * per_image;
-    const unsigned rows = unsigned(threads / lanes);
-    window_partition_kernel<T, kVec><<<dim3(unsigned((threads + kThreads - 1) / kThreads)), kThreads, 0, stream>>>(
-        p, b0, rows, lanes);
-    const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-  }
-  return cudaSuccess;
-}
-
-template <typename T>
-cudaError_t dispatch_vec(const WindowPartitionParams& p, cudaStream_t stream) {
-  switch (p.vec) {
-    case 1: return launch<T, 1>(p, stream);
-    case 2: return launch<T, 2>(p, stream);
-    case 4: return launch<T, 4>(p, stream);
-    case 8: return launch<T, 8>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 cudaError_t window_partition(const WindowPartitionParams& p, cudaStream_t stream) {
@@ -85,7 +55,12 @@ cudaError_t window_partition(const WindowPartitionParams& p, cudaStream_t stream
   // reflect padding needs fewer padded rows than pixels (as F.pad's 'reflect')
   if (p.wh <= 0 || p.ww <= 0 || p.nh * p.wh - p.H >= p.H || p.nw * p.ww - p.W >= p.W) return cudaErrorInvalidValue;
   if (p.shift_h < 0 || p.shift_h >= p.nh * p.wh || p.shift_w < 0 || p.shift_w >= p.nw * p.ww) return cudaErrorInvalidValue;
-  return dispatch_dtype(p.dtype, [&](auto t) { return dispatch_vec<decltype(t)>(p, stream); });
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    const auto launch = [&](auto kvec, dim3 grid, int b0, unsigned rows, int lanes) {
+      window_partition_kernel<decltype(t), decltype(kvec)::value><<<grid, kThreads, 0, stream>>>(p, b0, rows, lanes);
+    };
+    return launch_rows<kThreads>(p.vec, p.B, int64_t(p.nh) * p.nw * p.wh * p.ww, p.C, lanes_for, launch);
+  });
 }
 
 }  // namespace rfsr
