@@ -7,6 +7,22 @@ import math
 import torch
 
 
+def require_tensors(named, allow_none: bool = True) -> None:
+    """TypeError naming the first (name, value) pair whose value is not a tensor (None passes when allowed)."""
+    for name, t in named:
+        if not (isinstance(t, torch.Tensor) or (allow_none and t is None)):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def require_float(name: str, t: torch.Tensor, ndim: int | None = None, layout: str = "") -> None:
+    """TypeError unless ``t`` is floating-point; with ``ndim``, ValueError unless it has that many dims (``layout``
+    describes them in the message)."""
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {list(t.shape)}")
+
+
 def _last_dim_unit_stride(t: torch.Tensor, name: str) -> None:
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must have unit stride in its last dimension (got strides {list(t.stride())}); "
@@ -24,13 +40,8 @@ def _same_device_dtype(q: torch.Tensor, t: torch.Tensor, name: str) -> None:
 def check_fwd_inputs(q, k, v, bias_q, bias_k, *, unit_stride: bool = True):
     """Returns (B, N, H, D, R, bias_batched) or raises ValueError/TypeError naming the argument. ``unit_stride``
     False: any strides (the backward, which copies where the last dim is not unit-stride)."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("bias_q", bias_q), ("bias_k", bias_k)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not q.dtype.is_floating_point:
-        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be 4-D (B, N, H, D), got shape {list(q.shape)}")
+    require_tensors((("q", q), ("k", k), ("v", v), ("bias_q", bias_q), ("bias_k", bias_k)), allow_none=False)
+    require_float("q", q, 4, "(B, N, H, D)")
     B, N, H, D = q.shape
     if D <= 0:
         raise ValueError(f"q must have a head dim D > 0, got shape {list(q.shape)}")

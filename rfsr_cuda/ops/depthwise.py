@@ -9,17 +9,13 @@ from __future__ import annotations
 import torch
 
 from . import flash_rfbias as _library  # noqa: F401  (loads rfsr_cuda._C, which registers the schemas)
+from ._checks import require_float, require_tensors
 
 
 def _check(x, taps, bias) -> None:
     """Mirrors check_dwconv_inputs (csrc/dwconv_op.cpp)."""
-    for name, t in (("x", x), ("taps", taps), ("bias", bias)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (B, C, H, W), got shape {list(x.shape)}")
+    require_tensors((("x", x), ("taps", taps), ("bias", bias)))
+    require_float("x", x, 4, "(B, C, H, W)")
     C = x.shape[1]
     if taps.shape != (3, 3, C):
         raise ValueError(f"taps must have shape [3, 3, {C}] (a conv weight (C, 1, 3, 3) permuted to (3, 3, C)), "

@@ -11,12 +11,12 @@ import math
 import torch
 
 from . import flash_rfbias as _library  # noqa: F401  (loads rfsr_cuda._C, which registers the schemas)
+from ._checks import require_float, require_tensors
 
 
 def _check(x, residual, weight, bias, eps, width, norm_cols=None) -> int:
     """Mirrors check_layer_norm_inputs (csrc/layer_norm_op.cpp); returns C."""
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    require_float("x", x)
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a non-empty last dim (the normalised one), got shape {list(x.shape)}")
     C = x.shape[-1]
@@ -68,9 +68,7 @@ def layer_norm_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     normalises every column with them: a row of real channels followed by zero channels with zero weights and biases
     (a channel-padded activation) stays zero-padded and is read with the widest accesses.
     """
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    require_tensors((("x", x), ("weight", weight), ("bias", bias), ("residual", residual)))
     width = x.shape[-1] if width is None else width
     if isinstance(width, bool) or not isinstance(width, int):
         raise TypeError(f"width must be an int, got {width!r}")

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from . import flash_rfbias as _library  # noqa: F401  (loads rfsr_cuda._C, which registers the schemas)
+from ._checks import require_float, require_tensors
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -45,12 +46,8 @@ def _geometry(height, width, window, shift) -> tuple[int, int]:
 
 def _check_partition(x, window, shift, channels) -> int:
     """Mirrors check_window_partition_inputs (csrc/window_ops.cpp); returns the number of windows."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (B, H, W, G) pixel rows, got shape {list(x.shape)}")
+    require_tensors((("x", x),), allow_none=False)
+    require_float("x", x, 4, "(B, H, W, G) pixel rows")
     if x.shape[1] < 1 or x.shape[2] < 1:
         raise ValueError(f"x must have at least one pixel, got shape {list(x.shape)}")
     H, W = x.shape[1], x.shape[2]
@@ -66,14 +63,8 @@ def _check_partition(x, window, shift, channels) -> int:
 
 def _check(windows, height, width, window, shift, gate, out_width) -> int:
     """Mirrors check_window_merge_inputs (csrc/window_ops.cpp); returns the image count B."""
-    for name, t in (("windows", windows), ("gate", gate)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not windows.dtype.is_floating_point:
-        raise TypeError(f"windows must be a floating-point tensor, got {windows.dtype}")
-    if windows.dim() != 3:
-        raise ValueError(f"windows must be 3-D (B * windows per image, tokens per window, C), got shape "
-                         f"{list(windows.shape)}")
+    require_tensors((("windows", windows), ("gate", gate)))
+    require_float("windows", windows, 3, "(B * windows per image, tokens per window, C)")
     wh, ww = window
     nh, nw = _geometry(height, width, window, shift)
     if windows.shape[1] != wh * ww:
