@@ -101,6 +101,7 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   rfbias_fold_scale(scale, p.q_mult, p.bq_mult, p.scale_log2);
   p.qkv_vec16 = s.D % 8 == 0 && is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16);
   p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_q, 4) && is_aligned(bias_k, 4);
+  p.bias_vec8 = p.bias_vec2 && s.D % 8 == 0 && s.R % 8 == 0 && is_aligned(bias_q, 16) && is_aligned(bias_k, 16);
   if (path == "sm90") {  // RFSR_SM90WS_VARIANT picks a tile variant of experiment builds (sm90/fwd_ws_kernel.h)
     const char* variant = std::getenv("RFSR_SM90WS_VARIANT");
     p.sm90_variant = variant != nullptr ? std::max(1, std::atoi(variant)) : 1;
