@@ -99,8 +99,21 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   set_shape_and_input_strides(p, s, q, k, v, bias_q, bias_k);
   p.out_batch_stride = out.stride(0); p.out_row_stride = out.stride(1); p.out_head_stride = out.stride(2);
   rfbias_fold_scale(scale, p.q_mult, p.bq_mult, p.scale_log2);
+  // The wgmma kernel's producer scales the staged query tiles in place when a multiplier is not 1: per work item a
+  // wait for all of its copies, a barrier and a pass over every query word. With the usual folding (q_mult = 1,
+  // bq_mult = 1 / scale) only the factor needs it; a shared factor is scaled here once per call instead, with the
+  // kernel's float32 multiply and single rounding, so the logits are bit for bit the same.
+  at::Tensor bq = bias_q;
+  if (wgmma_kernel && s.R > 0 && !s.bias_batched && p.q_mult == 1.f && p.bq_mult != 1.f) {
+    bq = (bias_q.to(at::kFloat) * static_cast<double>(p.bq_mult)).to(st);
+    p.bias_q = bq.data_ptr();
+    p.bq_head_stride = bq.stride(0);
+    p.bq_row_stride = bq.stride(1);
+    p.bq_mult = 1.f;
+  }
   p.qkv_vec16 = s.D % 8 == 0 && is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16);
-  p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bias_q, 4) && is_aligned(bias_k, 4);
+  p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bq, 4) && is_aligned(bias_k, 4);
+  p.bias_vec8 = p.bias_vec2 && s.D % 8 == 0 && s.R % 8 == 0 && is_aligned(bq, 16) && is_aligned(bias_k, 16);
   if (path == "sm90") {  // RFSR_SM90WS_VARIANT picks a tile variant of experiment builds (sm90/fwd_ws_kernel.h)
     const char* variant = std::getenv("RFSR_SM90WS_VARIANT");
     p.sm90_variant = variant != nullptr ? std::max(1, std::atoi(variant)) : 1;

@@ -228,6 +228,17 @@ def test_persistent_item_stream(N, D, R, batched):
     check_against_reference(q, k, v, bq, bk)
 
 
+@pytest.mark.parametrize("D,R", [(30, 18), (32, 32), (16, 7)])
+def test_shared_factor_matches_its_per_window_copy_exactly(D, R):
+    # A shared factor may be pre-scaled by 1 / scale outside the kernel (the wgmma path), a per-window one is scaled
+    # inside it: both must round bias_q * (1 / scale) the same way, so the outputs agree bit for bit.
+    B, N, H = 3, 300, 2
+    q, k, v, bq, bk = make_inputs(B, N, H, D, R, torch.bfloat16, False, seed=D + R)
+    out, lse = run_fwd(q, k, v, bq, bk, 0.37)
+    out_b, lse_b = run_fwd(q, k, v, bq.expand(B, -1, -1, -1).contiguous(), bk.expand(B, -1, -1, -1).contiguous(), 0.37)
+    assert torch.equal(out, out_b) and torch.equal(lse, lse_b)
+
+
 # --- behaviour -----------------------------------------------------------------------------------------------------
 
 def test_windows_do_not_leak():

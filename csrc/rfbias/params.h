@@ -44,6 +44,7 @@ struct RfbiasFwdParams {
   // Runtime load-path choices (made on the host from pointer and stride alignment).
   bool qkv_vec16;   // q, k, v rows and heads 16-byte aligned and D % 8 == 0: 16-byte cp.async, else 4-byte
   bool bias_vec2;   // factor rows 4-byte aligned and R even: 4-byte copies, else 2-byte copies
+  bool bias_vec8;   // sm90 forward: also D and R multiples of 8 and factor rows 16-byte aligned: 16-byte copies
 
   // sm90 path only: configuration of the warp-specialised kernel (sm90/fwd_ws_kernel.h); 0 and 1 are the default,
   // others exist only in experiment builds.

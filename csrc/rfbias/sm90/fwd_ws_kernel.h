@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
     // Plans from (b, h) = (0, 0); an item's rows are reached by a shift of the source.
     SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_k(tidx, sK0, k0, p.k_row_stride, D);
     SwizzledRowPlan<128, kBlockN, kDv, kVec, Element> plan_v(tidx, sV0, v0, p.v_row_stride, D);
-    SwizzledFactorPlan<128, Traits::kMaxRank> plan_bk(tidx, D, R, p.bias_vec2, sK0);
+    SwizzledFactorPlan<128, Traits::kMaxRank> plan_bk(tidx, D, R, p.bias_vec2, sK0, kVec16 && p.bias_vec8);
 #if RFSR_SM90WS_PIN_PLANS
     plan_k.pin();
     plan_v.pin();
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) rfbias_
       if (it >= kQBufs) Barrier::wait(&qempty_bar[qb], (it / kQBufs - 1) & 1);
       {  // the query plans are rebuilt per item: kept live, they would crowd the key-tile loop's registers
         const SwizzledRowPlan<128, 64, kDv, kVec, Element> plan_q(tidx, sQ0, q0, p.q_row_stride, D);
-        const SwizzledFactorPlan<128, Traits::kMaxRank> plan_bq(tidx, D, R, p.bias_vec2, sQ0);
+        const SwizzledFactorPlan<128, Traits::kMaxRank> plan_bq(tidx, D, R, p.bias_vec2, sQ0, kVec16 && p.bias_vec8);
         for (int c = 0; c < kConsumers; ++c) {
           const int r0 = item.m0 + 64 * c;
           const int valid = max(0, min(64, N - r0));

@@ -133,7 +133,8 @@ struct SwizzledRowPlan {
   }
 };
 
-// Factor rows into columns [D, D + R) of a swizzled tile, 4-byte units (vec2) or 2-byte ones. A row's units are
+// Factor rows into columns [D, D + R) of a swizzled tile, 16-byte units (vec8: D and R multiples of 8 and 16-byte
+// aligned rows), 4-byte units (vec2) or 2-byte ones. A row's units are
 // spread over up to kNThreads / 8 threads (each takes every tpr-th unit, at most kMaxK of them), so rows still
 // advance in multiples of 8 and every offset is computed once per CTA. kMaxRank bounds R (a tile of kDqk columns
 // holds R < kDqk): the offsets a thread keeps are registers, which the warp-specialised producer is short of.
@@ -143,10 +144,12 @@ struct SwizzledFactorPlan {
   static constexpr int kMaxK = (kMaxRank + kMaxTpr - 1) / kMaxTpr;
   int units, tpr, rows_per_it, row, lane_unit, s_step, nk, kk;
   int s_off[kMaxK];
-  bool active;
+  bool active, vec8;
   template <class STensor>
-  __device__ __forceinline__ SwizzledFactorPlan(int tidx, int D, int R, bool vec2, STensor const& s) {
-    units = vec2 ? R / 2 : R;
+  __device__ __forceinline__ SwizzledFactorPlan(int tidx, int D, int R, bool vec2, STensor const& s,
+                                                bool vec8_ = false) {
+    vec8 = vec8_ && vec2;
+    units = vec8 ? R / 8 : vec2 ? R / 2 : R;
     active = units > 0;
     tpr = max(1, min(units, kMaxTpr));
     rows_per_it = (kNThreads / tpr) / 8 * 8;
@@ -155,7 +158,7 @@ struct SwizzledFactorPlan {
     lane_unit = tidx - row * tpr;
     nk = (units - lane_unit + tpr - 1) / tpr;  // units of this thread in a row: kk or kk - 1
     kk = (units + tpr - 1) / tpr;
-    const int w = vec2 ? 2 : 1;
+    const int w = vec8 ? 8 : vec2 ? 2 : 1;
     const auto* base = &s(0, 0);
     CUTE_UNROLL
     for (int k = 0; k < kMaxK; ++k) {
@@ -178,6 +181,10 @@ struct SwizzledFactorPlan {
   __device__ __forceinline__ void copy(Element* dst, const Element* g, int64_t row_stride, int valid_rows, bool vec2,
                                        float mult) const {
     if (!active) return;
+    if (vec8) {
+      copy_vec8(dst, g, row_stride, valid_rows);
+      return;
+    }
     if constexpr (kTileRows > 0) {
       if (vec2 && rows_per_it == 8 && kk <= 2 && valid_rows >= kTileRows) {
         copy_full8<kTileRows>(dst, g, row_stride);
@@ -185,6 +192,20 @@ struct SwizzledFactorPlan {
       }
     }
     copy_k<1>(dst, g, row_stride, valid_rows, vec2, mult);
+  }
+  // 16-byte units: a quarter of the copies of 4-byte units (at R = 32, 4 instead of 16 a thread per 128-row tile).
+  template <typename Element>
+  __device__ __forceinline__ void copy_vec8(Element* dst, const Element* g, int64_t row_stride, int valid_rows) const {
+    const Element* src = g + row * row_stride + lane_unit * 8;
+    const int64_t step = int64_t(rows_per_it) * row_stride;
+    const int src_k = tpr * 8;
+    int row_off = 0;
+    for (int r = row; r < valid_rows; r += rows_per_it, src += step, row_off += s_step) {
+      CUTE_UNROLL
+      for (int k = 0; k < kMaxK; ++k) {
+        if (k < nk) dev::cp_async_16(dst + s_off[k] + row_off, src + k * src_k, true);
+      }
+    }
   }
   // A full tile of 4-byte units with 8 rows a pass (9 or more units a row: the SST ranks) and at most 2 units a
   // thread: every pass unrolled, so a copy costs its address adds and no loop or predicate arithmetic (the row loop
@@ -254,7 +275,9 @@ struct SwizzledFactorPlan {
       CUTE_UNROLL
       for (int k = 0; k < kMaxK; ++k) {  // constant indices keep s_off in registers
         if (k < nk) {
-          if (vec2) {
+          if (vec8) {
+            dev::cp_async_16(dst + s_off[k] + row_off, any, false);
+          } else if (vec2) {
             dev::cp_async_4(dst + s_off[k] + row_off, any, false);
           } else {
             *reinterpret_cast<uint16_t*>(dst + s_off[k] + row_off) = uint16_t(0);
