@@ -10,7 +10,8 @@ One GPU, one process, bf16, 2^20 tokens per call, SST-family shapes. Methods:
   concat_cudnn  the same through SDPA's cuDNN backend
   flex_rpb      FlexAttention with a relative-position-bias score_mod (the bias a low-rank factor replaces)
   nobias_flash  SDPA flash without any bias (what the bias costs on top)
-Per case and method: forward ms (median of CUDA-event timings), achieved TFLOP/s (useful flops
+Per case and method: forward ms (median of CUDA-event timings; with --rounds N, the median of N such medians taken
+in a rotating method order), achieved TFLOP/s (useful flops
 2*S*(D+R) + 2*S*D), the physical floor and its fraction, and the peak memory of one call. The floor is
 max(exp count / exp rate, useful MMA flops / matmul rate, compulsory bytes / copy bandwidth), with the three
 rates measured in the same run.
@@ -25,6 +26,7 @@ import datetime as _dt
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -60,6 +62,24 @@ def time_ms(fn, iters=30, warm=5, budget_s=20.0):
             break
     times.sort()
     return times[len(times) // 2]
+
+
+def timed_rounds(fns, rounds, iters):
+    """Median times of each callable in `fns`, `rounds` times over, the order rotated every round so that no method
+    always runs first or after the same neighbour (clock and cache state drift between methods of one case).
+    Returns ({name: [ms per round]}, {name: error}); a method that fails once is dropped from later rounds."""
+    times, errors = {m: [] for m in fns}, {}
+    order = list(fns)
+    for r in range(rounds):
+        k = r % max(1, len(order))
+        for m in order[k:] + order[:k]:
+            if m in errors:
+                continue
+            try:
+                times[m].append(time_ms(fns[m], iters=iters))
+            except Exception as e:  # noqa: BLE001
+                errors[m] = f"{type(e).__name__}: {str(e)[:200]}"
+    return {m: t for m, t in times.items() if t and m not in errors}, errors
 
 
 def peak_mib(fn):
@@ -247,6 +267,8 @@ def main(argv=None):
     ap.add_argument("--cases", default=",".join(c[0] for c in CASES))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--no-backward", action="store_true", help="forward timings only")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every method this many times per case, in a rotating order; report the median")
     a = ap.parse_args(argv)
     wanted = a.methods.split(",")
     if any(m.startswith("rfsr") for m in wanted):
@@ -296,32 +318,43 @@ def main(argv=None):
         bq16, bk16 = (bq * R ** -0.5).to(DT), bk.to(DT)
         leaves = [t.detach().requires_grad_() for t in (q, k, v, bq, bk)]
         grad_out = torch.randn_like(q)
+        fwds, fwdbwds = {}, {}
         for meth, fn in build_methods(name, D, R, H, W, q, k, v, bq, bk, wanted).items():
-            row = dict(base, method=meth)
             if meth in RFSR_METHODS:
-                fwd = on_path(meth, lambda: torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq16, bk16, D ** -0.5)[0])
+                fwds[meth] = on_path(meth, lambda: torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq16, bk16, D ** -0.5)[0])
             else:
-                fwd = lambda fn=fn: fn(q, k, v, bq, bk)  # noqa: E731
-            try:
-                with torch.no_grad():
-                    t = time_ms(fwd, iters=a.iters)
-                    mem = peak_mib(fwd)
-                row.update(fwd_ms=round(t, 4), fwd_peak_mib=round(mem, 1), tflops=round(flops / t / 1e9, 1),
-                           floor_fraction=round(floor / t, 3))
-            except Exception as e:  # noqa: BLE001
-                row.update(fwd_ms=None, error=f"{type(e).__name__}: {str(e)[:200]}")
+                fwds[meth] = lambda fn=fn: fn(q, k, v, bq, bk)  # noqa: E731
             if not a.no_backward:
                 # training: gradients for q, k, v and the float32 factors (their cast and scale inside the call)
-                def fwdbwd(fn=fn):
+                def fwdbwd(fn=fn, meth=meth):
                     for t_ in leaves:
                         t_.grad = None
                     # rfsr returns (B, N, H, D), the SDPA/flex paths (B, H, N, D)
                     torch.autograd.backward(fn(*leaves), grad_out if meth.startswith("rfsr") else grad_out.transpose(1, 2))
-                try:
-                    tb = time_ms(fwdbwd, iters=a.iters)
-                    row.update(fwdbwd_ms=round(tb, 4), fwdbwd_peak_mib=round(peak_mib(fwdbwd), 1))
-                except Exception as e:  # noqa: BLE001
-                    row.update(fwdbwd_ms=None, fwdbwd_error=f"{type(e).__name__}: {str(e)[:200]}")
+                fwdbwds[meth] = fwdbwd
+        with torch.no_grad():
+            t_fwd, err_fwd = timed_rounds(fwds, a.rounds, a.iters)
+        t_bwd, err_bwd = timed_rounds(fwdbwds, a.rounds, a.iters)
+        for meth in fwds:
+            row = dict(base, method=meth)
+            if meth in t_fwd:
+                t = statistics.median(t_fwd[meth])
+                with torch.no_grad():
+                    mem = peak_mib(fwds[meth])
+                row.update(fwd_ms=round(t, 4), fwd_peak_mib=round(mem, 1), tflops=round(flops / t / 1e9, 1),
+                           floor_fraction=round(floor / t, 3))
+                if a.rounds > 1:
+                    row["fwd_ms_rounds"] = [round(x, 4) for x in t_fwd[meth]]
+            else:
+                row.update(fwd_ms=None, error=err_fwd.get(meth))
+            if not a.no_backward:
+                if meth in t_bwd:
+                    row.update(fwdbwd_ms=round(statistics.median(t_bwd[meth]), 4),
+                               fwdbwd_peak_mib=round(peak_mib(fwdbwds[meth]), 1))
+                    if a.rounds > 1:
+                        row["fwdbwd_ms_rounds"] = [round(x, 4) for x in t_bwd[meth]]
+                else:
+                    row.update(fwdbwd_ms=None, fwdbwd_error=err_bwd.get(meth))
             res["rows"].append(row)
             print(json.dumps({k_: row.get(k_) for k_ in ("case", "method", "fwd_ms", "fwd_peak_mib", "tflops",
                                                          "floor_fraction", "fwdbwd_ms", "fwdbwd_peak_mib",
