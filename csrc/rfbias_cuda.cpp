@@ -73,15 +73,30 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
     }
   }
 
+  const bool empty = s.B == 0 || s.N == 0 || s.H == 0;
+  const bool wgmma_kernel = kernel->min_arch == 90;
+  float q_mult = 1.f, bq_mult = 1.f, scale_log2 = 1.f;
+  rfbias_fold_scale(scale, q_mult, bq_mult, scale_log2);
+  // The wgmma kernel's producer scales the staged query tiles in place when a multiplier is not 1: per work item a
+  // wait for all of its copies, a barrier and a pass over every query word (moving that pass to the consumers
+  // measured 4-20 % slower: fwd-ws-h200-2026-11-28.md). With the usual folding (q_mult = 1, bq_mult = 1 / scale)
+  // only the factor needs it; a shared factor is scaled here once per call instead, with the kernel's float32
+  // multiply and single rounding, so the logits are bit for bit the same. This runs before out and lse exist, so
+  // the float32 intermediate never adds to their peak; the scaled factor (H * N * R elements) is the one temporary.
+  at::Tensor bq = bias_q;
+  if (!empty && wgmma_kernel && s.R > 0 && !s.bias_batched && q_mult == 1.f && bq_mult != 1.f) {
+    bq = bias_q.to(at::kFloat).mul_(static_cast<double>(bq_mult)).to(st);
+    bq_mult = 1.f;
+  }
+
   at::Tensor out = at::empty({s.B, s.N, s.H, s.D}, q_in.options());
   at::Tensor lse = at::empty({s.B, s.H, s.N}, q_in.options().dtype(at::kFloat));
-  if (s.B == 0 || s.N == 0 || s.H == 0) return {out, lse};
+  if (empty) return {out, lse};
 
   // Rows must be 4-byte addressable; anything coarser picks the 16-byte path, anything finer (an odd element
   // offset or stride, which a rearranged view of a 4-byte-aligned buffer never has) is copied once. The wgmma
   // kernel's 4-byte path needs a pad column in V (D < its Dv bucket), so there rows with D = Dv that are not 16-byte
   // aligned are copied once as well (a fresh contiguous tensor is).
-  const bool wgmma_kernel = kernel->min_arch == 90;
   auto rows = [&](const at::Tensor& t) {
     if (wgmma_kernel && s.D >= kernel->dv && !is_aligned(t, 16)) return t.clone(at::MemoryFormat::Contiguous);
     return is_aligned(t, 4) ? t : t.contiguous();
@@ -92,25 +107,15 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.bias_q = s.R > 0 ? bias_q.data_ptr() : q.data_ptr();
+  p.bias_q = s.R > 0 ? bq.data_ptr() : q.data_ptr();
   p.bias_k = s.R > 0 ? bias_k.data_ptr() : q.data_ptr();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  set_shape_and_input_strides(p, s, q, k, v, bias_q, bias_k);
+  set_shape_and_input_strides(p, s, q, k, v, bq, bias_k);
   p.out_batch_stride = out.stride(0); p.out_row_stride = out.stride(1); p.out_head_stride = out.stride(2);
-  rfbias_fold_scale(scale, p.q_mult, p.bq_mult, p.scale_log2);
-  // The wgmma kernel's producer scales the staged query tiles in place when a multiplier is not 1: per work item a
-  // wait for all of its copies, a barrier and a pass over every query word. With the usual folding (q_mult = 1,
-  // bq_mult = 1 / scale) only the factor needs it; a shared factor is scaled here once per call instead, with the
-  // kernel's float32 multiply and single rounding, so the logits are bit for bit the same.
-  at::Tensor bq = bias_q;
-  if (wgmma_kernel && s.R > 0 && !s.bias_batched && p.q_mult == 1.f && p.bq_mult != 1.f) {
-    bq = (bias_q.to(at::kFloat) * static_cast<double>(p.bq_mult)).to(st);
-    p.bias_q = bq.data_ptr();
-    p.bq_head_stride = bq.stride(0);
-    p.bq_row_stride = bq.stride(1);
-    p.bq_mult = 1.f;
-  }
+  p.q_mult = q_mult;
+  p.bq_mult = bq_mult;
+  p.scale_log2 = scale_log2;
   p.qkv_vec16 = s.D % 8 == 0 && is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16);
   p.bias_vec2 = s.R > 0 && s.R % 2 == 0 && is_aligned(bq, 4) && is_aligned(bias_k, 4);
   p.bias_vec8 = p.bias_vec2 && s.D % 8 == 0 && s.R % 8 == 0 && is_aligned(bq, 16) && is_aligned(bias_k, 16);

@@ -239,6 +239,22 @@ def test_shared_factor_matches_its_per_window_copy_exactly(D, R):
     assert torch.equal(out, out_b) and torch.equal(lse, lse_b)
 
 
+@pytest.mark.parametrize("D,R,N", [(30, 34, 2304), (32, 32, 4096)])
+def test_forward_allocates_its_outputs_and_at_most_one_factor(D, R, N):
+    # No concatenated, expanded or padded copies: a call allocates out and lse, plus (wgmma path, shared factor) the
+    # factor scaled by 1 / scale, whose float32 intermediate is gone before out and lse are allocated.
+    B, H = 4, 3
+    q, k, v, bq, bk = make_inputs(B, N, H, D, R, torch.bfloat16, False, seed=D + R)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out, lse = torch.ops.rfsr.flash_rfbias_fwd(q, k, v, bq, bk, D ** -0.5)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    bound = sum((t.numel() * t.element_size() + 511) // 512 * 512 for t in (out, lse, bq))  # the allocator's blocks
+    assert peak <= bound, (peak, bound)
+
+
 # --- behaviour -----------------------------------------------------------------------------------------------------
 
 def test_windows_do_not_leak():
