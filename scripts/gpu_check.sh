@@ -5,7 +5,7 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR]
 # Knobs: RFSR_CUDA_ARCHS (default: this GPU's arch), RFSR_KERNELS (default all,sm90), RFSR_CUTLASS_INCLUDE (default: .carry/cutlass/include
-# when present, else the nvidia-cutlass package), MAX_JOBS (default: all cores), BENCH_ARGS (extra benchmark arguments),
+# when present, else the nvidia-cutlass package), MAX_JOBS (default: all cores), BENCH_ARGS (benchmark arguments, default --rounds 3),
 # SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,7 +74,7 @@ if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  $PY benchmarks/bench_attention.py --out "$OUT_DIR" ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1
+  $PY benchmarks/bench_attention.py --out "$OUT_DIR" ${BENCH_ARGS:---rounds 3} > "$OUT_DIR/bench.log" 2>&1
   rc=$?
   [ $rc -ne 0 ] && status=$rc
   echo "bench: rc=$rc"
