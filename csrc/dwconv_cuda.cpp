@@ -8,6 +8,7 @@
 #include <climits>
 
 #include "common/aten_dtype.h"
+#include "common/vec_width.h"
 #include "dwconv/params.h"
 #include "dwconv_op.h"
 #include "rfbias_checks.h"
@@ -43,12 +44,9 @@ at::Tensor dwconv_cuda(const at::Tensor& x_in, const at::Tensor& taps_in, const 
   p.residual = residual;
   p.dtype = elem_dtype(st, "rfsr::depthwise_conv3x3");
   const int64_t es = x.element_size();
-  for (int vec = static_cast<int>(8 / es); vec >= 1; vec /= 2) {  // 8-byte accesses at most (the kernel's tile)
-    if (p.C % vec == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % (vec * es) == 0) {
-      p.vec = vec;
-      break;
-    }
-  }
+  p.vec = widest_vec(es, 8, [&](int vec) {  // 8-byte accesses at most (the kernel's tile)
+    return p.C % vec == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % (vec * es) == 0;
+  });
   const cudaError_t err = depthwise_conv3x3(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "rfsr::depthwise_conv3x3: kernel launch failed: ", cudaGetErrorString(err));
   return out;

@@ -8,6 +8,7 @@
 #include <climits>
 
 #include "common/aten_dtype.h"
+#include "common/vec_width.h"
 #include "layer_norm_op.h"
 #include "layernorm/params.h"
 #include "rfbias_checks.h"
@@ -79,17 +80,13 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_cuda_impl(const at::Tensor& x_in, 
   p.dtype = dt;
   p.param_dtype = param_f32 ? ElemDtype::kFloat32 : dt;
   // The widest access (up to 16 bytes) that divides the row, the padded row and every pointer and row stride.
-  const int64_t es = x.element_size();
-  for (int vec = int(16 / es); vec >= 1; vec /= 2) {
-    const int64_t bytes = vec * es, pbytes = vec * weight.element_size();
-    if (C % vec || width % vec || !aligned(x, p.x_row_stride, bytes)) continue;
-    if (y.has_value() && !aligned(*y, p.y_row_stride, bytes)) continue;
-    if (reinterpret_cast<uintptr_t>(weight.data_ptr()) % pbytes || reinterpret_cast<uintptr_t>(bias.data_ptr()) % pbytes) {
-      continue;
-    }
-    p.vec = vec;
-    break;
-  }
+  p.vec = widest_vec(x.element_size(), 16, [&](int vec) {
+    const int64_t bytes = vec * x.element_size(), pbytes = vec * weight.element_size();
+    if (C % vec || width % vec || !aligned(x, p.x_row_stride, bytes)) return false;
+    if (y.has_value() && !aligned(*y, p.y_row_stride, bytes)) return false;
+    return reinterpret_cast<uintptr_t>(weight.data_ptr()) % pbytes == 0 &&
+           reinterpret_cast<uintptr_t>(bias.data_ptr()) % pbytes == 0;
+  });
   if (C / p.vec > kLayerNormMaxAccesses) return layer_norm_aten(x_in, y_in, weight_in, bias_in, eps, width, norm_cols);
   const cudaError_t err = layer_norm_rows(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "rfsr::layer_norm: kernel launch failed: ", cudaGetErrorString(err));

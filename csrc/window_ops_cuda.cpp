@@ -9,6 +9,7 @@
 #include <climits>
 
 #include "common/aten_dtype.h"
+#include "common/vec_width.h"
 #include "windows/params.h"
 #include "rfbias_checks.h"
 #include "rfbias_cuda_common.h"  // is_aligned
@@ -41,12 +42,7 @@ at::Tensor window_partition_cuda(const at::Tensor& x_in, at::IntArrayRef window,
   p.nw = static_cast<int>(s.nw), p.shift_h = static_cast<int>(s.sh), p.shift_w = static_cast<int>(s.sw);
   p.dtype = elem_dtype(x.scalar_type(), "rfsr::window_partition");
   const int64_t es = x.element_size();
-  for (int vec = 16 / static_cast<int>(es); vec >= 1; vec /= 2) {  // the widest access up to 16 bytes
-    if (s.C % vec == 0 && is_aligned(x, vec * es)) {
-      p.vec = vec;
-      break;
-    }
-  }
+  p.vec = widest_vec(es, 16, [&](int vec) { return s.C % vec == 0 && is_aligned(x, vec * es); });
   const cudaError_t err = window_partition(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "rfsr::window_partition: kernel launch failed: ", cudaGetErrorString(err));
   return out;
@@ -85,15 +81,11 @@ at::Tensor window_merge_cuda(const at::Tensor& windows_in, int64_t height, int64
   p.wh = static_cast<int>(s.wh), p.ww = static_cast<int>(s.ww), p.nh = static_cast<int>(s.nh);
   p.nw = static_cast<int>(s.nw), p.shift_h = static_cast<int>(s.sh), p.shift_w = static_cast<int>(s.sw);
   p.dtype = elem_dtype(windows.scalar_type(), "rfsr::window_merge");
-  // the widest access (up to 16 bytes) that divides the channel counts, the strides and the pointers
   const int64_t es = windows.element_size();
-  for (int vec = 16 / static_cast<int>(es); vec >= 1; vec /= 2) {
-    if (s.C % vec == 0 && out_width % vec == 0 && is_aligned(windows, vec * es) &&
-        (!gate.defined() || is_aligned(gate, vec * es))) {
-      p.vec = vec;
-      break;
-    }
-  }
+  p.vec = widest_vec(es, 16, [&](int vec) {
+    return s.C % vec == 0 && out_width % vec == 0 && is_aligned(windows, vec * es) &&
+           (!gate.defined() || is_aligned(gate, vec * es));
+  });
   const cudaError_t err = window_merge(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "rfsr::window_merge: kernel launch failed: ", cudaGetErrorString(err));
   return out;
