@@ -98,7 +98,8 @@ def extension():
     sources += sorted(glob.glob(os.path.join(CSRC, "*.cu"))) + sorted(glob.glob(os.path.join(CSRC, "rfbias_cuda*.cpp")))
     sources += [os.path.join(CSRC, f) for f in ("layer_norm_cuda.cpp", "layernorm/layer_norm.cu", "dwconv_cuda.cpp",
                                                 "dwconv/dwconv.cu", "window_ops_cuda.cpp",
-                                                "windows/merge.cu", "windows/partition.cu")]
+                                                "windows/merge.cu", "windows/partition.cu",
+                                                "rfbias/scale_factor.cu")]
     sources += kernels
     nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-DNDEBUG",
             "-Xfatbin", "-compress-all"] + cuda_arch_flags()

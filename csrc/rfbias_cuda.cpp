@@ -81,12 +81,13 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   // for all of its copies, a barrier and a pass over every query word (moving that pass to the consumers was slower
   // still: benchmarks/results/fwd-ws-h200-2026-11-28.md). With the usual folding (q_mult = 1, bq_mult = 1 / scale) only
   // the factor needs it; a shared factor is scaled here once per call instead, with the kernel's float32 multiply and
-  // single rounding, so the logits are bit for bit the same (but for products below float32's normal range, which
-  // the fast-math kernel flushes to zero). This runs before out and lse exist, so the float32 intermediate never adds
-  // to their peak; the scaled factor (H * N * R elements) is the one temporary.
+  // single rounding (the backward's scaled-factor kernel), so the logits are bit for bit the same. The scaled factor
+  // (H * N * R elements) is the call's one temporary.
   at::Tensor bq = bias_q;
   if (!empty && wgmma_kernel && s.R > 0 && !s.bias_batched && q_mult == 1.f && bq_mult != 1.f) {
-    bq = bias_q.to(at::kFloat).mul_(static_cast<double>(bq_mult)).to(st);
+    bq = at::empty(bias_q.sizes(), bias_q.options());
+    const cudaError_t err = scale_factor_into(bias_q, bq, bq_mult, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "flash_rfbias: scaling bias_q failed: ", cudaGetErrorString(err));
     bq_mult = 1.f;
   }
 

@@ -126,6 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_rfb
   TORCH_CHECK_VALUE(!p.sm90 || arch / 10 == 9, "RFSR_BWD_PATH=sm90 needs compute capability 9.x; device ",
                     dev_str(q_in), " (", prop->name, ") is ", num(prop->major), ".", num(prop->minor));
 
+  if (s.R > 0) {
+    const cudaError_t err = scale_factor_into(bias_q, bq_scaled, p.bq_mult, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "flash_rfbias_bwd: scaling bias_q failed: ", cudaGetErrorString(err));
+  }
   const cudaError_t err = kernel->run(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK_VALUE(!(p.sm90 && err == cudaErrorNotSupported), "RFSR_BWD_PATH=sm90: this build has no wgmma "
                     "backward kernels (build with RFSR_NVCC_FLAGS=-DRFSR_SM90_BWD)");

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "rfbias/params.h"  // RfbiasDtype
+#include "rfbias/scale_factor.h"
 
 namespace rfsr {
 
@@ -43,6 +44,25 @@ const Kernel* pick_kernel(const Kernel* table, int count, RfbiasDtype dtype, int
     }
   }
   return best;
+}
+
+// dst (contiguous, bias_q's shape) = bias_q * mult rounded once to their 16-bit dtype, on `stream`: the scaled query
+// factor of both directions (rfbias/scale_factor.h). bias_q is (H, N, R) or (B, H, N, R) with R contiguous.
+inline cudaError_t scale_factor_into(const at::Tensor& bias_q, const at::Tensor& dst, float mult, cudaStream_t stream) {
+  const int o = bias_q.dim() == 4 ? 1 : 0;
+  RfbiasScaleFactorParams sp{};
+  sp.src = bias_q.data_ptr();
+  sp.dst = dst.data_ptr();
+  sp.windows = o ? bias_q.size(0) : 1;
+  sp.H = static_cast<int>(bias_q.size(o));
+  sp.N = static_cast<int>(bias_q.size(o + 1));
+  sp.R = static_cast<int>(bias_q.size(o + 2));
+  sp.batch_stride = o ? bias_q.stride(0) : 0;
+  sp.head_stride = bias_q.stride(o);
+  sp.row_stride = bias_q.stride(o + 1);
+  sp.mult = mult;
+  sp.dtype = bias_q.scalar_type() == at::kHalf ? RfbiasDtype::kFloat16 : RfbiasDtype::kBFloat16;
+  return rfbias_scale_factor(sp, stream);
 }
 
 // The sizes and the strides of the inputs both directions read, in a forward or backward params struct: q, k, v as

@@ -1,8 +1,9 @@
 // sm80 (mma.sync m16n8k16) backward kernels of flash_rfbias. Deterministic: no atomics anywhere.
 //
-// Five launches per call (see launch_bwd.h):
+// Five launches per call (the binding's 2, then launch_bwd.h):
 //   1. bwd_prep_kernel           delta = rowsum(dO o out) and lse2 = lse * log2(e), fp32 (B, H, N).
-//   2. bwd_scale_factors_kernel  bq_scaled = bias_q * bq_mult, rounded once like the forward's staging.
+//   2. rfbias_scale_factor       bq_scaled = bias_q * bq_mult, rounded once like the forward's staging
+//                                (rfbias/scale_factor.h, shared with the forward).
 //   3. bwd_dkdv_kernel           key-stationary: dK, dV and dbias_k.
 //   4. bwd_dq_kernel             query-stationary: dQ and dbias_q.
 //   5. bwd_reduce_kernel         factor gradients: fixed-order sum of the per-chunk partials (shared factors) or a
@@ -180,26 +181,6 @@ __global__ void bwd_prep_kernel(const RfbiasBwdParams p) {
     }
     p.delta[i] = acc;
     p.lse2[i] = p.lse[i] * kLog2e;
-  }
-}
-
-// 2. bq_scaled (contiguous) = bias_q * bq_mult with the forward's rounding (dev::Pack2::scale1).
-template <typename Element>
-__global__ void bwd_scale_factors_kernel(const RfbiasBwdParams p) {
-  const int64_t per_window = int64_t(p.H) * p.N * p.R;
-  const int64_t total = p.bias_batched ? per_window * p.B : per_window;
-  const Element* src = static_cast<const Element*>(p.bias_q);
-  uint16_t* dst = static_cast<uint16_t*>(p.bq_scaled);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int r = int(i % p.R);
-    const int64_t row = i / p.R;
-    const int n = int(row % p.N);
-    const int64_t bh = row / p.N;
-    const int h = int(bh % p.H);
-    const int b = int(bh / p.H);
-    const uint16_t w = *reinterpret_cast<const uint16_t*>(src + b * p.bq_batch_stride + h * p.bq_head_stride +
-                                                          int64_t(n) * p.bq_row_stride + r);
-    dst[i] = p.bq_mult == 1.0f ? w : dev::Pack2<Element>::scale1(w, p.bq_mult);
   }
 }
 

@@ -1,5 +1,5 @@
-// Host-side launch of the sm80 backward kernels for one (dtype, kDqk, kDv) bucket: prep, factor scaling, dK/dV,
-// dQ, reduction.
+// Host-side launch of the sm80 backward kernels for one (dtype, kDqk, kDv) bucket: prep, dK/dV, dQ, reduction
+// (the binding has filled bq_scaled: rfbias/scale_factor.h).
 // All launches go to `stream`; the workspace pointers in `p` were allocated by the binding.
 #pragma once
 
@@ -41,12 +41,6 @@ cudaError_t run_bwd(const RfbiasBwdParams& p, cudaStream_t stream) {
   bwd_prep_kernel<Element><<<elementwise_grid(rows, 256), 256, 0, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  if (p.R > 0) {
-    const int64_t factors = int64_t(p.H) * p.N * p.R * (p.bias_batched ? p.B : 1);
-    bwd_scale_factors_kernel<Element><<<elementwise_grid(factors, 256), 256, 0, stream>>>(p);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-  }
 
   // The wgmma main kernels (experiment builds only) take the buckets whose accumulators fit one warpgroup's
   // registers (Dqk + Dv <= 160); wider ones keep the sm80 kernels.
