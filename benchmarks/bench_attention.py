@@ -1,9 +1,10 @@
 """Forward benchmark of the fused rfsr::flash_rfbias op against the ways peers compute the same attention.
 
 One GPU, one process, bf16, 2^20 tokens per call, SST-family shapes. Methods:
-  rfsr          torch.ops.rfsr.flash_rfbias_fwd (fused bias, no concatenation) with its default kernel choice: sm80
-                (mma.sync) kernels, except large windows (N >= 2048) of the Dqk <= 64, Dv <= 32 buckets on 9.x devices
-                (the warp-specialised wgmma kernel)
+  rfsr          torch.ops.rfsr.flash_rfbias_fwd (fused bias, no concatenation) with its default kernel choice: on
+                9.x devices the warp-specialised wgmma kernel for the Dqk <= 64, Dv <= 32 buckets from the window
+                size where it measured faster (csrc/rfbias_cuda.cpp, wgmma_min_n), the sm80 (mma.sync) kernels
+                elsewhere
   rfsr_sm80     the same op forced onto the sm80 kernels (RFSR_FWD_PATH=sm80)
   rfsr_sm90     the same op forced onto the warp-specialised wgmma forward kernel (RFSR_FWD_PATH=sm90; 9.x devices)
   concat_flash  [q*s | Bq], [k | Bk], [v | 0] concatenated in memory, SDPA flash backend, output sliced

@@ -22,6 +22,17 @@
 namespace rfsr {
 namespace {
 
+// Smallest window (N) from which the unforced op runs the wgmma kernel on a 9.x device. Measured per shape with
+// benchmarks/bench_fwd_paths.py on an H100 and an H200 (benchmarks/results/fwd-dispatch-2026-11-28.md): with a
+// pre-scaled factor it wins from N = 576 where rows are 16-byte vectors or Dqk is 64, and loses up to N = 1024 with
+// 4-byte rows in the Dqk = 48 bucket (copy-bound: 5-7 %). N = 256 (two 192-row items, a third of the rows idle)
+// stays on sm80. Without the pre-scaling the per-item rescale makes small windows slower (the 2048 of before).
+int64_t wgmma_min_n(int dqk, bool rows16, bool factor_prescaled) {
+  if (!factor_prescaled) return 2048;
+  if (rows16 || dqk >= 64) return 512;
+  return 1536;
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                          const at::Tensor& v_in, const at::Tensor& bias_q,
                                                          const at::Tensor& bias_k, double scale) {
@@ -51,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   int count = 0;
   const RfbiasFwdKernel* table = rfbias_fwd_kernels(&count);
   // Kernel path. The sm80 (mma.sync) kernels run everywhere. On 9.x devices the warp-specialised wgmma kernel
-  // (sm90/fwd_ws_kernel.h) takes the large windows (N >= kSm90MinN) of the narrow buckets (Dqk <= 64, Dv <= 32),
-  // where it measured faster (benchmarks/results/fwd-ws-h200-2026-11-27.md); elsewhere sm80 stays the default.
+  // (sm90/fwd_ws_kernel.h) takes the narrow buckets (Dqk <= 64, Dv <= 32) from the window size where it measured
+  // faster (wgmma_min_n below); elsewhere sm80 stays the default.
   // RFSR_FWD_PATH=sm80|sm90 forces a path: a request that cannot be met is an error rather than a silent fallback.
   const char* path_env = std::getenv("RFSR_FWD_PATH");
   const std::string path = path_env != nullptr ? std::string(path_env) : std::string();
@@ -64,8 +75,13 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
   TORCH_CHECK_VALUE(path != "sm90" || kernel->min_arch == 90, "RFSR_FWD_PATH=sm90: no wgmma kernel for dtype ",
                     dtype_str(q_in), ", D=", num(s.D), ", R=", num(s.R), " on device ", dev_str(q_in), " (", prop->name,
                     "): it needs compute capability 9.x and a build that includes the sm90 kernels");
-  constexpr int64_t kSm90MinN = 2048;
-  if (path.empty() && arch / 10 == 9 && s.N >= kSm90MinN) {
+  float q_mult = 1.f, bq_mult = 1.f, scale_log2 = 1.f;
+  rfbias_fold_scale(scale, q_mult, bq_mult, scale_log2);
+  // With the usual scales a shared factor is scaled once per call for the wgmma kernel (below); otherwise its
+  // producer rescales every query tile, which costs most on small windows.
+  const bool factor_prescaled = q_mult == 1.f && (s.R == 0 || bq_mult == 1.f || !s.bias_batched);
+  const bool rows16 = s.D % 8 == 0 && is_aligned(q_in, 16) && is_aligned(k_in, 16) && is_aligned(v_in, 16);
+  if (path.empty() && arch / 10 == 9 && s.N >= wgmma_min_n(kernel->dqk, rows16, factor_prescaled)) {
     const RfbiasFwdKernel* wgmma = pick_kernel(table, count, dtype, s.D, s.R, arch, 90);
     if (wgmma != nullptr && wgmma->min_arch == 90 && wgmma->dqk == kernel->dqk && wgmma->dv == kernel->dv &&
         wgmma->dqk <= 64 && wgmma->dv <= 32) {
@@ -75,8 +91,6 @@ std::tuple<at::Tensor, at::Tensor> flash_rfbias_fwd_cuda(const at::Tensor& q_in,
 
   const bool empty = s.B == 0 || s.N == 0 || s.H == 0;
   const bool wgmma_kernel = kernel->min_arch == 90;
-  float q_mult = 1.f, bq_mult = 1.f, scale_log2 = 1.f;
-  rfbias_fold_scale(scale, q_mult, bq_mult, scale_log2);
   // The wgmma kernel's producer scales the staged query tiles in place when a multiplier is not 1: per work item a wait
   // for all of its copies, a barrier and a pass over every query word (moving that pass to the consumers was slower
   // still: benchmarks/results/fwd-ws-h200-2026-11-28.md). With the usual folding (q_mult = 1, bq_mult = 1 / scale) only

@@ -278,9 +278,11 @@ def test_deterministic():
 
 
 def test_default_path_choice(kernel_path, monkeypatch):
-    """Unforced, a 9.x device runs the warp-specialised wgmma kernel on large windows (N >= 2048) of the narrow
-    buckets (Dqk <= 64, Dv <= 32) and the sm80 kernels on smaller ones; other devices always run sm80. The kernels
-    are deterministic, so the unforced output equals the chosen path's bit for bit."""
+    """Unforced, a 9.x device runs the warp-specialised wgmma kernel on the narrow buckets (Dqk <= 64, Dv <= 32)
+    from the window size where it measured faster (N >= 512 with 16-byte rows or Dqk = 64, N >= 1536 otherwise,
+    N >= 2048 when its producer must rescale every query tile: per-window factors) and the sm80 kernels below;
+    other devices always run sm80. The kernels are deterministic, so the unforced output equals the chosen path's
+    bit for bit."""
     if kernel_path != "sm80":
         pytest.skip("checks the unforced choice once")
 
@@ -291,15 +293,23 @@ def test_default_path_choice(kernel_path, monkeypatch):
             monkeypatch.setenv("RFSR_FWD_PATH", path)
         return torch.ops.rfsr.flash_rfbias_fwd(*inputs, 0.2)[0]
 
-    big = make_inputs(2, 2304, 2, 30, 34, torch.bfloat16, False, seed=3)
-    big_dv16 = make_inputs(1, 2304, 2, 16, 24, torch.float16, False, seed=5)
-    small = make_inputs(2, 1024, 2, 30, 34, torch.bfloat16, False, seed=4)
-    wide = make_inputs(1, 2304, 1, 64, 64, torch.bfloat16, False, seed=6)  # Dqk 128: stays on sm80
     wgmma = torch.cuda.get_device_capability()[0] == 9 and _sm90_path_available()
-    assert torch.equal(fwd(None, big), fwd("sm90" if wgmma else "sm80", big))
-    assert torch.equal(fwd(None, big_dv16), fwd("sm90" if wgmma else "sm80", big_dv16))
-    assert torch.equal(fwd(None, small), fwd("sm80", small))
-    assert torch.equal(fwd(None, wide), fwd("sm80", wide))
+    on_9x = "sm90" if wgmma else "sm80"
+    cases = [  # (B, N, H, D, R, dtype, per-window factors), the path an unforced call takes on a 9.x device
+        ((2, 2304, 2, 30, 34, torch.bfloat16, False), on_9x),
+        ((1, 2304, 2, 16, 24, torch.float16, False), on_9x),
+        ((2, 576, 2, 16, 24, torch.bfloat16, False), on_9x),  # 16-byte rows
+        ((2, 576, 2, 30, 34, torch.bfloat16, False), on_9x),  # 4-byte rows, Dqk 64
+        ((2, 1600, 1, 30, 18, torch.bfloat16, False), on_9x),  # 4-byte rows, Dqk 48
+        ((2, 1024, 2, 30, 18, torch.bfloat16, False), "sm80"),  # 4-byte rows, Dqk 48: below 1536
+        ((2, 256, 2, 32, 32, torch.bfloat16, False), "sm80"),
+        ((2, 1024, 2, 16, 24, torch.bfloat16, True), "sm80"),  # per-window factors: below 2048
+        ((1, 2304, 1, 16, 24, torch.bfloat16, True), on_9x),
+        ((1, 2304, 1, 64, 64, torch.bfloat16, False), "sm80"),  # Dqk 128: stays on sm80
+    ]
+    for seed, (shape, path) in enumerate(cases):
+        inputs = make_inputs(*shape, seed=seed)
+        assert torch.equal(fwd(None, inputs), fwd(path, inputs)), (shape, path)
 
 
 def test_composite_default_scale():
