@@ -45,20 +45,12 @@ def cuda_time(fn, iters=10, warmup=3):
 
 def kernel_times(fn, iters=5):
     """Mean device ms per call of each kernel that fn launches, largest first."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
+    from profile_model import profiled  # the same warm-up and profiler settings as the model profile
+
     per = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = ev.cuda_time_total
-        if t > 0 and ev.key and not ev.key.startswith("ProfilerStep"):
-            per[ev.key[:90]] = round(t / 1e3 / iters, 4)
+    for ev in profiled(fn, iters).key_averages():
+        if ev.self_device_time_total > 0:
+            per[ev.key[:90]] = round(ev.self_device_time_total / 1e3 / iters, 4)
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
