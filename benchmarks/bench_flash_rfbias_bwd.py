@@ -4,7 +4,7 @@
     python benchmarks/bench_flash_rfbias_bwd.py [--shapes ws16,ws32,ws96] [--dtype bf16] [--kernels] [--no-concat]
 
 Only timing: out/lse fed to the backward are placeholders of the right shapes (values do not change the work).
---kernels adds the fused backward's device time per kernel (torch.profiler, mean over the timed calls), to see which
+--kernels adds the fused backward's device time per kernel (torch.profiler, mean over 5 profiled calls), to see which
 launch the time goes to; RFSR_BWD_PATH picks the kernel path as it does for the op.
 """
 from __future__ import annotations
